@@ -1,0 +1,43 @@
+# stenvan: `make demo` runs the main job on the synthetic dataset, `make test` runs the tests.
+# Both install into .venv on first use (`make install`, idempotent).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pins that install from this project's machines' local disk; override for yours,
+# e.g. `make install TORCH_SPEC="torch torchvision"`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+DEMO_DATA ?= data/synthetic_mars
+DEMO_SHARDS ?= shards/synthetic_mars
+
+.PHONY: install test demo bench clean-demo
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	# DALI's wheel must match torch's CUDA major version; a CPU-only torch takes the smaller cu13 wheel.
+	extra=$$($(PY) -c "import torch; v = torch.version.cuda; print('cu12' if v and v.startswith('12') else 'cu13')"); \
+	$(PY) -m pip install -q -e ".[$$extra,test]"
+	$(PY) -c "import torch, torchvision, nvidia.dali, webdataset; print('installed: torch', torch.__version__, '| DALI', nvidia.dali.__version__)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	rm -rf $(DEMO_DATA) $(DEMO_SHARDS)
+	$(PY) -m prepare synthetic --layout mars --out $(DEMO_DATA) --ids 60 --seed 0
+	$(PY) -m prepare mars --data-dir $(DEMO_DATA) --info-dir $(DEMO_DATA)/info --out $(DEMO_SHARDS) --workers 2
+	$(PY) -m prepare verify $(DEMO_SHARDS)
+	$(PY) -m prepare inspect $(DEMO_SHARDS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.prepare
+
+clean-demo:
+	rm -rf $(DEMO_DATA) $(DEMO_SHARDS)

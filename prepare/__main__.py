@@ -1,0 +1,3 @@
+from prepare.cli import main
+
+raise SystemExit(main())

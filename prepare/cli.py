@@ -1,0 +1,118 @@
+"""Command line of `python -m prepare`: synthetic data, MARS/DukeV → shards, verify, inspect.
+
+    python -m prepare synthetic --layout mars --out data/synthetic_mars --ids 60 --seed 0
+    python -m prepare mars --data-dir data/MARS --info-dir data/MARS/info --out shards/mars --workers 8
+    python -m prepare dukev --data-dir data/DukeMTMC-VideoReID --out shards/dukev --workers 8
+    python -m prepare verify shards/mars [--deep]
+    python -m prepare inspect shards/mars [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from prepare.tracklet import PrepareError
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """'256MB', '1GiB', '4096' → bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 256MB, 1GiB, 65536)")
+    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m prepare", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    syn = sub.add_parser("synthetic", help="write a synthetic dataset in the MARS or DukeV layout")
+    syn.add_argument("--layout", choices=("mars", "dukev"), required=True)
+    syn.add_argument("--out", required=True, help="new or empty folder")
+    syn.add_argument("--ids", type=int, default=60, help="identities, split between train and test")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--min-len", type=int, default=2, help="shortest tracklet (frames)")
+    syn.add_argument("--max-len", type=int, default=120, help="longest tracklet (frames)")
+
+    def shard_options(p):
+        p.add_argument("--out", required=True, help="output folder for shards + manifest.json")
+        p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
+        p.add_argument("--shard-size", type=byte_size, default=byte_size("256MB"), help="target shard size")
+        p.add_argument("--skip-bad", action="store_true",
+                       help="skip a broken tracklet (listed in the manifest) instead of stopping")
+
+    mars = sub.add_parser("mars", help="shard a MARS tree (bbox_train/, bbox_test/, info/)")
+    mars.add_argument("--data-dir", required=True)
+    mars.add_argument("--info-dir", help="the MARS-evaluation info/ folder (default: DATA_DIR/info)")
+    shard_options(mars)
+    duke = sub.add_parser("dukev", help="shard a DukeMTMC-VideoReID tree (train/, query/, gallery/)")
+    duke.add_argument("--data-dir", required=True)
+    shard_options(duke)
+
+    ver = sub.add_parser("verify", help="check a prepared dataset: checksums, indexes, counts")
+    ver.add_argument("dir")
+    ver.add_argument("--deep", action="store_true", help="also decode every frame")
+    ins = sub.add_parser("inspect", help="ids, tracklets, frames, lengths and cameras per split")
+    ins.add_argument("dir")
+    ins.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (PrepareError, FileExistsError, ValueError) as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.command == "synthetic":
+        from prepare.synthetic import generate
+
+        counts = generate(args.layout, args.out, args.ids, args.seed, args.min_len, args.max_len)
+        print(f"synthetic {args.layout}: {counts['frames']:,} frames in {counts['seconds']:.1f} s "
+              f"({counts['frames_per_s']:,.0f} frames/s) -> {args.out}")
+        return 0
+    if args.command in ("mars", "dukev"):
+        from prepare.writer import prepare_dataset
+
+        if args.workers < 1:
+            raise PrepareError("--workers must be at least 1")
+        if args.command == "mars":
+            from prepare.mars import scan_mars
+
+            tracklets, skipped = scan_mars(args.data_dir, args.info_dir or os.path.join(args.data_dir, "info"),
+                                           args.skip_bad)
+        else:
+            from prepare.dukev import scan_dukev
+
+            tracklets, skipped = scan_dukev(args.data_dir, args.skip_bad)
+        for s in skipped:
+            print(f"prepare: skipped {s['key']}: {s['reason']}", file=sys.stderr)
+        manifest = prepare_dataset(args.command, tracklets, skipped, args.out, args.data_dir, args.shard_size,
+                                   args.workers, args.skip_bad)
+        for s in manifest["skipped"][len(skipped):]:
+            print(f"prepare: skipped {s['key']}: {s['reason']}", file=sys.stderr)
+        return 0
+    if args.command == "verify":
+        from prepare.verify import verify
+
+        problems = verify(args.dir, deep=args.deep)
+        for p in problems:
+            print(p)
+        if not problems:
+            print(f"{args.dir}: OK{' (every frame decoded)' if args.deep else ''}")
+        return 1 if problems else 0
+    from prepare.summary import format_summary, summarize
+
+    summary = summarize(args.dir)
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 0

@@ -1,0 +1,81 @@
+"""Read a DukeMTMC-VideoReID tree (train/, query/, gallery/, each <PPPP>/<TTTT>/frames) into tracklets.
+
+Frames are `PPPP_Cc_Fffff_Xnnnnnn.jpg`: identity, camera, 1-based contiguous frame index inside the
+tracklet, original video frame number. The gallery already holds every query tracklet (design §2, §5).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from prepare.tracklet import PrepareError, Tracklet, stat_frames
+
+NAME = re.compile(r"^(\d{4})_C(\d)_F(\d{4})_X(\d+)\.jpg$")
+SPLITS = ("train", "query", "gallery")
+
+
+def _numeric_dirs(path: str, what: str) -> list[str]:
+    names = sorted(e for e in os.listdir(path) if os.path.isdir(os.path.join(path, e)))
+    for name in names:
+        if not name.isdigit():
+            raise PrepareError(f"{os.path.join(path, name)}: {what} folders must be numbers; move this folder out of "
+                               "the dataset")
+    return names
+
+
+def _tracklet(folder: str, pid: str, number: str, split: str) -> tuple[Tracklet | None, str | None]:
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg")))
+    if not files:
+        return None, f"{folder}: tracklet folder holds no JPEG frames"
+    parsed = [NAME.match(f) for f in files]
+    if not all(parsed):
+        bad = files[[m is None for m in parsed].index(True)]
+        return None, f"{os.path.join(folder, bad)}: not a DukeV frame name (PPPP_Cc_Fffff_Xn.jpg)"
+    if {m.group(1) for m in parsed} != {pid}:
+        return None, f"{folder}: frames name identities {sorted({m.group(1) for m in parsed})}, the folder says {pid}"
+    cameras = {m.group(2) for m in parsed}
+    if len(cameras) != 1:
+        return None, f"{folder}: frames come from cameras {sorted(cameras)}; a tracklet has one camera"
+    indices = sorted(int(m.group(3)) for m in parsed)
+    if indices != list(range(1, len(indices) + 1)):
+        missing = sorted(set(range(1, indices[-1] + 1)) - set(indices))[:5]
+        return None, (f"{folder}: frame indices F0001..F{indices[-1]:04d} have gaps or repeats (missing {missing});"
+                      " restore the frames")
+    by_index = {int(m.group(3)): os.path.join(folder, m.group(0)) for m in parsed}
+    paths = [by_index[i] for i in indices]
+    sizes = stat_frames(paths)
+    if isinstance(sizes, str):
+        return None, sizes
+    camid = int(cameras.pop())
+    key = f"{pid}_C{camid}_T{number}"
+    return Tracklet(key=key, group=split, pid=int(pid), camid=camid, frames=paths, sizes=sizes, splits=(split,)), None
+
+
+def scan_dukev(data_dir: str, skip_bad: bool = False) -> tuple[list[Tracklet], list[dict]]:
+    """All DukeV tracklets (train, query, gallery) and the list of skipped tracklets."""
+    if not os.path.isdir(data_dir):
+        raise PrepareError(f"{data_dir}: DukeV folder not found; pass the folder holding train/, query/ and "
+                           "gallery/ with --data-dir")
+    tracklets, skipped = [], []
+    for split in SPLITS:
+        root = os.path.join(data_dir, split)
+        if not os.path.isdir(root):
+            raise PrepareError(f"{root}: {split}/ folder not found; --data-dir must hold train/, query/ and gallery/")
+        for pid in _numeric_dirs(root, "identity"):
+            for number in _numeric_dirs(os.path.join(root, pid), "tracklet"):
+                tracklet, problem = _tracklet(os.path.join(root, pid, number), pid, number, split)
+                if problem is not None:
+                    if not skip_bad:
+                        raise PrepareError(problem + ("" if "--skip-bad" in problem else
+                                                      "; fix the data or pass --skip-bad to skip this tracklet"))
+                    skipped.append({"key": f"{pid}_T{number}", "group": split, "reason": problem})
+                    continue
+                tracklets.append(tracklet)
+    query_keys = {t.key for t in tracklets if t.group == "query"}
+    query_pids = {t.pid for t in tracklets if t.group == "query"}
+    for t in tracklets:
+        if t.group == "gallery":
+            # Gallery-only identities are distractors; a gallery tracklet may be the copy of a query tracklet.
+            t.flags = {"query": t.key in query_keys, "distractor": t.pid not in query_pids}
+    return tracklets, skipped

@@ -1,0 +1,21 @@
+"""stenvan: video person re-identification (STE-NVAN, NVAN) that reproduces the paper, fast."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="stenvan",
+    version="0.1.0",
+    description="Fast, trustworthy training and evaluation of video person re-id models (STE-NVAN, NVAN)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["stenvan", "stenvan.*", "prepare", "prepare.*"]),
+    install_requires=[
+        "torch", "torchvision", "numpy", "Pillow", "scipy", "webdataset", "tqdm", "tensorboard", "matplotlib",
+        "PyYAML",
+    ],
+    extras_require={
+        # DALI must match the CUDA major version torch was built with (`make install` picks one).
+        "cu12": ["nvidia-dali-cuda120"],
+        "cu13": ["nvidia-dali-cuda130"],
+        "test": ["pytest"],
+    },
+)

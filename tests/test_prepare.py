@@ -1,0 +1,196 @@
+"""prepare: raw trees → shards; counts, determinism, resume after a kill, verify, DALI compatibility."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.io import loadmat
+
+from prepare.cli import main as prepare_main
+from prepare.verify import verify
+from stenvan.shards import read_index
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_prepare(*args) -> int:
+    return prepare_main([str(a) for a in args])
+
+
+def shard_mars(tree, out, *extra):
+    assert run_prepare("mars", "--data-dir", tree, "--info-dir", tree / "info", "--out", out, "--workers", 1,
+                       *extra) == 0
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_mars_counts_equal_the_info_files(tmp_path):
+    from prepare.synthetic import generate
+
+    tree = tmp_path / "MARS"
+    generate("mars", tree, num_ids=6, seed=5, min_len=2, max_len=900)  # 2- and 900-frame tracklets
+    m = shard_mars(tree, tmp_path / "shards", "--shard-size", "2MB")
+    info = tree / "info"
+    train = loadmat(info / "tracks_train_info.mat")["track_train_info"]
+    test = loadmat(info / "tracks_test_info.mat")["track_test_info"]
+    queries = loadmat(info / "query_IDX.mat")["query_IDX"][0]
+    splits = m["splits"]
+    assert splits["train"]["num_tracklets"] == len(train)
+    assert splits["gallery"]["num_tracklets"] == len(test)
+    assert splits["query"]["num_tracklets"] == len(queries)
+    assert splits["train"]["num_frames"] == int((train[:, 1] - train[:, 0] + 1).sum())
+    assert splits["gallery"]["num_frames"] == int((test[:, 1] - test[:, 0] + 1).sum())
+    lengths = [t["num_frames"] for s in splits.values() for t in s["tracklets"]]
+    assert min(lengths) == 2 and max(lengths) == 900
+    # queries are exactly the query_IDX rows (1-based) and marked in the gallery
+    gallery = splits["gallery"]["tracklets"]
+    assert [t["key"] for t in splits["query"]["tracklets"]] == [gallery[q - 1]["key"] for q in sorted(queries)]
+    assert sum(t["query"] for t in gallery) == len(queries)
+    assert [t["pid"] for t in gallery if t["junk"]] and all(t["pid"] == -1 for t in gallery if t["junk"])
+    assert [t["pid"] for t in gallery if t["distractor"]] and all(t["pid"] == 0 for t in gallery if t["distractor"])
+    assert [(t["pid"], t["camid"]) for t in gallery] == [tuple(r) for r in test[:, 2:].tolist()]
+    # train labels 0..#ids-1, in identity order
+    labels = {t["pid"]: t["label"] for t in splits["train"]["tracklets"]}
+    assert sorted(labels.values()) == list(range(len(set(train[:, 2]))))
+    assert splits["train"]["num_ids"] == len(set(train[:, 2]))
+    # shards: separate per group, identities never split, a tracklet's frames all in one sample
+    placed = {}
+    for split in splits.values():
+        for t in split["tracklets"]:
+            assert t["shard"].startswith("train-" if t in splits["train"]["tracklets"] else "test-")
+            placed.setdefault(t["pid"], set()).add(t["shard"])
+    assert all(len(shards) == 1 for pid, shards in placed.items() if pid > 0)
+    assert len(m["shards"]) > 2  # the small shard size forced several shards
+    assert verify(tmp_path / "shards", deep=True) == []
+
+
+def test_dukev_end_to_end(dukev_tree, tmp_path):
+    assert run_prepare("dukev", "--data-dir", dukev_tree, "--out", tmp_path / "s", "--workers", 2,
+                       "--shard-size", "300KB") == 0
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    for split in ("train", "query", "gallery"):
+        folders = sorted((dukev_tree / split).glob("*/*"))
+        assert m["splits"][split]["num_tracklets"] == len(folders)
+        assert m["splits"][split]["num_frames"] == sum(len(list(f.iterdir())) for f in folders)
+        assert all(t["shard"].startswith(split + "-") for t in m["splits"][split]["tracklets"])
+    query_keys = {t["key"] for t in m["splits"]["query"]["tracklets"]}
+    assert {t["key"] for t in m["splits"]["gallery"]["tracklets"] if t["query"]} == query_keys
+    assert m["splits"]["query"]["num_ids"] == len(query_keys)  # one query per test identity
+    assert any(t["distractor"] for t in m["splits"]["gallery"]["tracklets"])
+    assert verify(tmp_path / "s", deep=True) == []
+
+
+def test_same_input_gives_identical_shards(mars_tree, tmp_path):
+    a = shard_mars(mars_tree, tmp_path / "a", "--shard-size", "500KB")
+    assert run_prepare("mars", "--data-dir", mars_tree, "--out", tmp_path / "b", "--workers", 2,
+                       "--shard-size", "500KB") == 0  # other worker count, default --info-dir
+    b = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+    for s in a["shards"]:
+        assert (tmp_path / "a" / s["name"]).read_bytes() == (tmp_path / "b" / s["name"]).read_bytes()
+
+
+def test_resume_after_sigkill_ends_with_the_uninterrupted_bytes(mars_tree, copy_tree, tmp_path):
+    reference = shard_mars(mars_tree, tmp_path / "ref", "--shard-size", "200KB")
+    tree = copy_tree(mars_tree)
+    # A FIFO in place of a frame of the last train identity: the writer blocks on it mid-shard, after the
+    # earlier shards are finished, so the kill lands at a known point with a half-written temp file.
+    names = (tree / "info" / "train_name.txt").read_text().split()
+    victim = tree / "bbox_train" / names[-1][:4] / names[-1]
+    original = victim.read_bytes()
+    victim.unlink()
+    os.mkfifo(victim)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "prepare", "mars", "--data-dir", str(tree), "--out", str(out), "--workers", "1",
+           "--shard-size", "200KB"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not list(out.glob(".*.tmp")) or not list((out / ".progress").glob("*.tar.json")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    finished = {p.name[:-len(".json")] for p in (out / ".progress").glob("*.tar.json")}
+    assert {p.name for p in out.glob("*.tar")} == finished  # no half shard under a final name
+    victim.unlink()
+    victim.write_bytes(original)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming, {len(finished)} of" in result.stderr
+    resumed = json.loads((out / "manifest.json").read_text())
+    assert resumed["shards"] == reference["shards"]
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "ref" / "manifest.json").read_bytes()
+    assert not list(out.glob(".*.tmp")) and not (out / ".progress").exists()
+
+
+def test_verify_catches_a_single_flipped_byte(mars_tree, tmp_path):
+    m = shard_mars(mars_tree, tmp_path / "s")
+    assert run_prepare("verify", tmp_path / "s", "--deep") == 0
+    shard = tmp_path / "s" / m["shards"][0]["name"]
+    member = read_index(tmp_path / "s" / m["shards"][0]["index"])[0][1]  # the first frame
+    data = bytearray(shard.read_bytes())
+    data[member.offset + member.size // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    problems = verify(tmp_path / "s")
+    assert len(problems) == 1 and "sha256" in problems[0] and shard.name in problems[0]
+    assert run_prepare("verify", tmp_path / "s") == 1
+
+
+def test_verify_catches_index_and_count_damage(mars_tree, tmp_path):
+    m = shard_mars(mars_tree, tmp_path / "s")
+    idx = tmp_path / "s" / m["shards"][0]["index"]
+    text = idx.read_text().split("\n")
+    fields = text[1].split()
+    fields[1] = str(int(fields[1]) + 512)  # the json member's offset now points at the wrong place
+    idx.write_text("\n".join([text[0], " ".join(fields)] + text[2:]))
+    m["splits"]["train"]["num_frames"] += 1
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
+    problems = "\n".join(verify(tmp_path / "s"))
+    assert "disagrees with the tar headers" in problems and "train.num_frames" in problems
+
+
+def test_index_is_dalis_and_dali_reads_the_shards(mars_tree, tmp_path):
+    m = shard_mars(mars_tree, tmp_path / "s")
+    shard, index = tmp_path / "s" / m["shards"][0]["name"], tmp_path / "s" / m["shards"][0]["index"]
+    wds2idx = Path(sys.executable).parent / "wds2idx"
+    if wds2idx.exists():  # DALI's own indexer gives the same file, byte for byte
+        subprocess.run([str(wds2idx), str(shard), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+        assert (tmp_path / "ref.idx").read_bytes() == index.read_bytes()
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def pipe():
+        meta, frame = fn.readers.webdataset(paths=[str(shard)], index_paths=[str(index)], ext=["json", "00000.jpg"],
+                                            missing_component_behavior="error")
+        return meta, fn.decoders.image(frame, device="cpu")
+
+    p = pipe()
+    p.build()
+    meta, image = p.run()
+    first = m["splits"]["train"]["tracklets"][0]
+    assert json.loads(np.asarray(meta[0]).tobytes())["key"] == first["key"]
+    assert np.asarray(image[0]).shape == (256, 128, 3)
+
+
+def test_inspect_reports_splits(mars_tree, tmp_path, capsys):
+    m = shard_mars(mars_tree, tmp_path / "s")
+    capsys.readouterr()
+    assert run_prepare("inspect", tmp_path / "s", "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    for split in ("train", "query", "gallery"):
+        s = summary["splits"][split]
+        assert s["tracklets"] == m["splits"][split]["num_tracklets"]
+        assert s["frames"] == m["splits"][split]["num_frames"]
+        assert s["length_percentiles"]["p0"] <= s["length_percentiles"]["p50"] <= s["length_percentiles"]["p100"]
+    assert run_prepare("inspect", tmp_path / "s") == 0
+    assert "gallery" in capsys.readouterr().out
