@@ -1,0 +1,31 @@
+"""Retrieval evaluation: distances, the three named protocols of design §5, and plots.
+
+Typical use (eval.py):
+    records = Tracklets(keys, pids, camids, is_query, in_gallery)   # one per feature row
+    results = evaluate_all(features, records, metric="cosine")      # {"official": {...}, ...}
+    print(format_table(results)); plot_cmc(results, run_dir / "cmc.png")
+"""
+
+from stenvan.evaluation.distance import METRICS, pairwise_distance
+from stenvan.evaluation.plots import plot_cmc, plot_ranked_list
+from stenvan.evaluation.protocols import (
+    PROTOCOLS,
+    RANKS,
+    evaluate_all,
+    evaluate_protocol,
+    format_table,
+    gallery_mask,
+    official,
+    query_distances,
+    scalar_metrics,
+    standard,
+    top_k_matches,
+    torchreid,
+)
+from stenvan.evaluation.records import DISTRACTOR_PID, JUNK_PID, Tracklets
+
+__all__ = [
+    "DISTRACTOR_PID", "JUNK_PID", "METRICS", "PROTOCOLS", "RANKS", "Tracklets", "evaluate_all",
+    "evaluate_protocol", "format_table", "gallery_mask", "official", "pairwise_distance", "plot_cmc",
+    "plot_ranked_list", "query_distances", "scalar_metrics", "standard", "top_k_matches", "torchreid",
+]

@@ -1,0 +1,60 @@
+"""Query-by-gallery distance matrices for retrieval, computed in torch and returned as float32 numpy.
+
+Why numpy on the host: the protocols (protocols.py) rank with numpy, and even an all-by-all MARS matrix
+(12,180² × 4 B = 593 MB) fits in host memory, whereas keeping it on a GPU beside a model would not be free.
+Each chunk of queries is computed on the features' device (CPU or CUDA) and copied back as soon as it is
+done, so device memory holds one chunk (chunk_size × #gallery floats) at a time.
+"""
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Metric = Literal["cosine", "euclidean"]
+METRICS = ("cosine", "euclidean")
+
+
+def pairwise_distance(
+    query_feats: torch.Tensor | np.ndarray,
+    gallery_feats: torch.Tensor | np.ndarray,
+    metric: Metric = "cosine",
+    chunk_size: int = 1024,
+) -> np.ndarray:
+    """Distances (num_query, num_gallery) as a float32 numpy array; smaller = more similar.
+
+    cosine:    1 − cos(q, g), computed on L2-normalised features (range [0, 2]).
+    euclidean: ‖q − g‖₂ (not squared; the ranking is the same either way).
+    Inputs are (N, D) tensors or arrays; the gallery is moved to the query's device.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    q = torch.as_tensor(query_feats)
+    g = torch.as_tensor(gallery_feats).to(q.device)
+    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+        raise ValueError(f"expected (Nq, D) and (Ng, D) features, got {tuple(q.shape)} and {tuple(g.shape)}")
+
+    # fp16/bf16 features (autocast) are upcast: 3 significant digits would create spurious ties.
+    q, g = q.float(), g.float()
+    if metric == "cosine":
+        q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
+    else:
+        # ‖q−g‖² = ‖q‖² + ‖g‖² − 2q·g cancels badly in float32 when the features share a large
+        # offset; distances are translation-invariant, so centring on the gallery mean costs nothing.
+        centre = g.mean(dim=0, keepdim=True)  # (1, D)
+        q, g = q - centre, g - centre
+        g_sq = g.pow(2).sum(dim=1)  # (Ng,)
+
+    out = np.empty((q.shape[0], g.shape[0]), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, q.shape[0], chunk_size):
+            qc = q[start : start + chunk_size]  # (c, D)
+            if metric == "cosine":
+                d = 1.0 - qc @ g.T  # (c, Ng)
+            else:
+                d = (qc.pow(2).sum(dim=1, keepdim=True) + g_sq - 2.0 * (qc @ g.T)).clamp_min_(0.0).sqrt_()
+            out[start : start + qc.shape[0]] = d.cpu().numpy()  # device → host, one chunk at a time
+    return out
