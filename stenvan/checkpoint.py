@@ -1,0 +1,112 @@
+"""Self-describing, atomic, verifiable checkpoints.
+
+A checkpoint is one dict (format name and version, config, model, optimizer, scaler, scheduler, progress,
+sampler position, RNG states) saved with `torch.save`, written to a temp file and renamed. Its sha256 goes
+into a sidecar `<name>.sha256` written after it, so a truncated or corrupted file is detected and skipped on
+resume. `last.pt` is a hard link to the newest checkpoint. Everything loads with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "stenvan-checkpoint"
+VERSION = 1
+STEP_NAME = re.compile(r"^step-(\d{9})\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def _fsync_write(path: Path, payload: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_checkpoint_file(state: dict, path: str | os.PathLike) -> Path:
+    """Write one tagged checkpoint atomically, then its `.sha256` sidecar."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
+    payload = buffer.getvalue()
+    _fsync_write(path, payload)
+    _fsync_write(path.with_name(path.name + ".sha256"), (hashlib.sha256(payload).hexdigest() + "\n").encode())
+    return path
+
+
+def save_checkpoint(state: dict, run_dir: str | os.PathLike, step: int, keep: int) -> Path:
+    """Write `step-<step>.pt` (+ .sha256), point last.pt at it, keep the newest `keep` step files."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = write_checkpoint_file(state, run_dir / f"step-{step:09d}.pt")
+    link_tmp = run_dir / f".last.pt.{os.getpid()}.tmp"
+    if link_tmp.exists():
+        link_tmp.unlink()
+    os.link(path, link_tmp)  # last.pt shares the bytes of the newest step file; the rename is atomic
+    os.replace(link_tmp, run_dir / "last.pt")
+    for old in step_checkpoints(run_dir)[:-keep]:
+        old.unlink()
+        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+    return path
+
+
+def step_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Step checkpoints in `run_dir`, oldest first."""
+    return sorted(Path(p) for p in glob.glob(os.path.join(run_dir, "step-*.pt")) if STEP_NAME.match(Path(p).name))
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load and check one checkpoint file; raises CheckpointError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    payload = path.read_bytes()
+    sidecar = path.with_name(path.name + ".sha256")
+    if path.name == "last.pt":  # last.pt is a link to a step file: its sidecar is the step file's
+        target = next((p for p in step_checkpoints(path.parent) if os.path.samefile(p, path)), None)
+        sidecar = target.with_name(target.name + ".sha256") if target else sidecar
+    if sidecar.is_file() and sidecar.read_text().strip() != hashlib.sha256(payload).hexdigest():
+        raise CheckpointError(f"{path}: sha256 does not match {sidecar.name}: the file is corrupt or truncated")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e}); it is truncated, corrupt or "
+                              "not a PyTorch checkpoint") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint dict")
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a stenvan checkpoint (no format tag); an original STE-NVAN .pth is "
+                              "evaluated with eval.py --original-arch ARCH")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {state.get('version')}, this stenvan reads "
+                              f"version {VERSION}")
+    return state
+
+
+def newest_valid_checkpoint(run_dir: str | os.PathLike, map_location="cpu") -> tuple[Path, dict] | None:
+    """The newest step checkpoint that loads and verifies; damaged newer ones are reported and skipped."""
+    for path in reversed(step_checkpoints(run_dir)):
+        try:
+            return path, read_checkpoint(path, map_location)
+        except CheckpointError as e:
+            print(f"resume: skipping {e}", file=sys.stderr, flush=True)
+    return None
