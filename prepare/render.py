@@ -152,7 +152,7 @@ def _body_layers(person: Identity, scale: float, leg_phase: float) -> tuple[np.n
 class TrackletRenderer:
     """Renders the frames of one tracklet: person × camera, with per-tracklet and per-frame variation."""
 
-    POSES = 4  # leg phases of the walking cycle
+    POSES = 2  # leg phases of the walking cycle (legs apart, legs together): each costs a full render
 
     def __init__(self, person: Identity, camera: Camera, rng: np.random.Generator, size: tuple[int, int] = (H, W)):
         self.rng = rng
@@ -163,7 +163,7 @@ class TrackletRenderer:
         background = np.roll(camera.background, shift, axis=1).astype(np.float32)
         self.poses = []
         for k in range(self.POSES):
-            body, mask = _body_layers(person, scale, 2 * np.pi * k / self.POSES)
+            body, mask = _body_layers(person, scale, 2 * np.pi * (k + 0.5) / self.POSES)  # sin = +1, -1
             frame = np.where(mask[..., None], body, background) * gain
             if camera.mirror:
                 frame = frame[:, ::-1]

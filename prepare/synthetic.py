@@ -205,8 +205,11 @@ def _render_all(out: Path, tracks: list[TrackPlan], seed: int, name_fn, progress
             data = encode_jpeg(renderer.frame(i))
             fname = name_fn(t, i + 1)
             for folder in t.folders:
-                with open(out / folder / fname, "wb") as f:
-                    f.write(data)
+                fd = os.open(out / folder / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
             written += 1
         if progress:
             progress(t.length)
