@@ -1,0 +1,75 @@
+"""Turning a `ClipSpec` into pixels without DALI (the torch loader), plus the pieces both loaders share."""
+
+from __future__ import annotations
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MEAN_PIXEL = tuple(round(255 * m) for m in IMAGENET_MEAN)  # the colour random erasing fills with (124, 116, 104)
+
+
+def jpeg_size(data) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's SOF header, or None if there is none (DALI then resizes, to be safe)."""
+    buf = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+    n, i = len(buf), 2
+    if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        return None
+    while i + 9 < n:
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = (buf[i + 2] << 8) | buf[i + 3]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            return (buf[i + 5] << 8) | buf[i + 6], (buf[i + 7] << 8) | buf[i + 8]
+        i += 2 + length
+    return None
+
+
+def normalize(clips: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> (x - 255·mean) / (255·std) in `dtype` (computed in float32, as DALI does)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=clips.device).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=clips.device).view(3, 1, 1) * 255
+    return ((clips.float() - mean) / std).to(dtype)
+
+
+def load_clip(table, store, spec, height: int, width: int) -> torch.Tensor:
+    """Decode, resize (only frames not already H×W), crop, erase and flip one clip: uint8 (T, 3, H, W)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2.functional import InterpolationMode, resize
+
+    frames = []
+    for shard, offset, size in table.frame_locations(spec.tracklet, spec.frames):
+        data = torch.from_numpy(store.read(shard, offset, size).copy())
+        img = decode_jpeg(data, mode=ImageReadMode.RGB)  # (3, h, w) uint8
+        if tuple(img.shape[1:]) != (height, width):
+            img = resize(img, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        frames.append(img)
+    clip = torch.stack(frames)  # (T, 3, H, W)
+    return augment_clip(clip, spec)
+
+
+def augment_clip(clip: torch.Tensor, spec) -> torch.Tensor:
+    """The clip-level augmentation of `spec` on a uint8 (T, 3, H, W) clip, identical for every frame."""
+    height, width = clip.shape[-2:]
+    y, x = spec.crop
+    if (y, x) != (0, 0):  # the H×W window at (y, x) of the frame padded with black
+        out = torch.zeros_like(clip)
+        sy, dy, h = max(y, 0), max(-y, 0), height - abs(y)
+        sx, dx, w = max(x, 0), max(-x, 0), width - abs(x)
+        if h > 0 and w > 0:
+            out[..., dy:dy + h, dx:dx + w] = clip[..., sy:sy + h, sx:sx + w]
+        clip = out
+    top, left, h, w = spec.erase
+    if h and w:
+        clip = clip.clone()
+        clip[..., top:top + h, left:left + w] = torch.tensor(MEAN_PIXEL, dtype=clip.dtype).view(3, 1, 1)
+    if spec.flip:
+        clip = clip.flip(-1)
+    return clip

@@ -1,0 +1,269 @@
+"""The training and evaluation loaders: one contract, two backends (`dali`, the default, and `torch`).
+
+    loader = build_train_loader("shards/mars", P=8, K=4, clip_len=8, height=256, width=128, seed=0,
+                                device=torch.device("cuda"))
+    for batch in loader.epoch(epoch, start_step=step):   # resumable at any step
+        batch["clips"]   # (B, T, 3, H, W) normalised, `dtype`, on `device`; B = P·K / world_size
+        batch["labels"], batch["camids"], batch["tracklet"]   # (B,) int64 on `device`
+
+    for batch in build_eval_loader("shards/mars", "query", mode="paper", clip_len=8, height=256, width=128,
+                                   batch_size=64, device=device):
+        batch["clips"], batch["keys"], batch["pids"], batch["camids"], batch["tracklet"]   # metadata on the CPU
+
+Both backends execute the same `ClipSpec`s (stenvan.data.sampling), so for the same seed they load the same
+tracklets, frames and augmentation; only the decoder and the resize kernel differ.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from stenvan.data import dali_loader
+from stenvan.data.clips import load_clip, normalize
+from stenvan.data.sampling import Augment, IdentitySampler, TrainPlan, eval_clips
+from stenvan.data.table import TrackletTable
+
+BACKENDS = ("dali", "torch")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(backend: str, dtype: torch.dtype, clip_len: int, height: int, width: int) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not valid; use one of {', '.join(map(repr, BACKENDS))}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype} is not valid; use torch.float32, torch.bfloat16 or torch.float16")
+    if clip_len < 1 or height < 1 or width < 1:
+        raise ValueError(f"clip_len, height and width must be positive, got {clip_len}, {height}, {width}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Torch backend: a DataLoader whose batch sampler yields ClipSpecs computed in the main process
+# ----------------------------------------------------------------------------------------------------------
+
+class _ClipDataset(torch.utils.data.Dataset):
+    """dataset[spec] -> (clip (T, 3, H, W), tracklet index); frames read from this process's maps.
+
+    The clip is normalised to `dtype` here when the loader delivers to the CPU (the workers share the work);
+    for a GPU it stays uint8 (4× less to copy) and the main process normalises it on the device.
+    """
+
+    def __init__(self, table: TrackletTable, height: int, width: int, dtype: torch.dtype | None):
+        self.table, self.store, self.height, self.width, self.dtype = table, table.store(), height, width, dtype
+
+    def __getitem__(self, spec):
+        clip = load_clip(self.table, self.store, spec, self.height, self.width)
+        return (clip if self.dtype is None else normalize(clip, self.dtype)), spec.tracklet
+
+    def __len__(self):  # indices are ClipSpecs from the batch sampler, not positions
+        raise TypeError("_ClipDataset is indexed by ClipSpec through a batch sampler")
+
+
+def _on_device(clips: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Clips from the workers (uint8 for a GPU, already normalised for the CPU) -> normalised on `device`."""
+    if clips.dtype != torch.uint8:
+        return clips
+    return normalize(clips.to(device, non_blocking=True), dtype)
+
+
+def _collate(items):
+    clips, tracklets = zip(*items)
+    return torch.stack(clips), torch.tensor(tracklets, dtype=torch.int64)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # one decode per worker process; the parallelism is the workers
+
+
+class SpecBatches:
+    """Batch sampler: a list of ClipSpecs per batch; the loader sets what to iterate before each pass."""
+
+    def __init__(self):
+        self.batches = lambda: iter(())
+        self.count = 0
+
+    def __iter__(self):
+        return self.batches()
+
+    def __len__(self):
+        return self.count
+
+
+def _torch_dataloader(table, height, width, workers, device, dtype, batches: SpecBatches):
+    return torch.utils.data.DataLoader(
+        _ClipDataset(table, height, width, dtype if device.type == "cpu" else None), batch_sampler=batches,
+        num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if workers else None, persistent_workers=workers > 0,
+        prefetch_factor=2 if workers else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+class TrainLoader:
+    """P×K batches of augmented clips; `epoch(e, start_step=s)` yields exactly the batches s.. of epoch e.
+
+    Iterate one epoch at a time. With the DALI backend, consuming an epoch to its end lets the next epoch
+    continue on the same pipeline; any other request (a resume, a skipped epoch, an epoch left unfinished)
+    builds a fresh pipeline that starts at the requested step.
+    """
+
+    def __init__(self, table: TrackletTable, plan: TrainPlan, *, backend: str, device: torch.device,
+                 dtype: torch.dtype, workers: int, clip_len: int, height: int, width: int):
+        self.table, self.plan, self.backend = table, plan, backend
+        self.device, self.dtype, self.workers = device, dtype, workers
+        self.clip_len, self.height, self.width = clip_len, height, width
+        self._pipe, self._continues_at = None, None  # DALI: pipeline, and the (epoch, 0) it would run next
+        self._batches, self._torch = SpecBatches(), None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    @property
+    def num_classes(self) -> int:
+        return self.table.num_ids
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        if epoch < 0 or not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"epoch {epoch}, start_step {start_step}: steps run 0..{self.steps_per_epoch - 1}")
+        if start_step == self.steps_per_epoch:
+            return iter(())
+        return self._dali(epoch, start_step) if self.backend == "dali" else self._torch_epoch(epoch, start_step)
+
+    def _dali(self, epoch: int, start_step: int) -> Iterator[dict]:
+        if self._pipe is None or self._continues_at != (epoch, start_step):
+            self.close()
+            source = dali_loader.TrainSource(self.table, self.plan, self.height, self.width, epoch, start_step)
+            self._pipe = dali_loader.build_pipeline(
+                source, batch_size=self.batch_size, clip_len=self.clip_len, height=self.height, width=self.width,
+                device=self.device, workers=self.workers, half=self.dtype == torch.float16)
+        self._continues_at = None
+        pipe = self._pipe
+        for batch in dali_loader.run_pipeline(pipe, self.device, self.dtype):
+            yield {"clips": batch["clips"], "labels": batch["labels"].to(self.device),
+                   "camids": batch["camids"].to(self.device), "tracklet": batch["tracklet"].to(self.device)}
+        if pipe is self._pipe:
+            self._continues_at = (epoch + 1, 0)
+
+    def _torch_epoch(self, epoch: int, start_step: int) -> Iterator[dict]:
+        plan = self.plan
+        self._batches.batches = lambda: (plan.batch(epoch, s) for s in range(start_step, plan.steps_per_epoch))
+        self._batches.count = plan.steps_per_epoch - start_step
+        if self._torch is None:
+            self._torch = _torch_dataloader(self.table, self.height, self.width, self.workers, self.device,
+                                            self.dtype, self._batches)
+        labels, camids = torch.from_numpy(self.table.labels), torch.from_numpy(self.table.camids)
+        for clips, tracklets in self._torch:
+            yield {"clips": _on_device(clips, self.device, self.dtype),
+                   "labels": labels[tracklets].to(self.device), "camids": camids[tracklets].to(self.device),
+                   "tracklet": tracklets.to(self.device)}
+
+    def close(self) -> None:
+        dali_loader.close_pipeline(self._pipe)
+        self._pipe, self._continues_at = None, None
+        self._torch = None  # the DataLoader's persistent workers end with it
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def build_train_loader(shard_dir, *, P: int, K: int, clip_len: int, height: int, width: int, seed: int,
+                       rank: int = 0, world_size: int = 1, backend: str = "dali",
+                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, workers: int = 2,
+                       flip_p: float = 0.5, pad: int = 0, erase_p: float = 0.0,
+                       batches_per_epoch: int | None = None) -> TrainLoader:
+    """The training loader over the `train` split of a shard folder (see the module docstring)."""
+    _check(backend, dtype, clip_len, height, width)
+    device = torch.device(device)
+    table = TrackletTable.from_dir(shard_dir, "train")
+    sampler = IdentitySampler(table.labels, P, K, seed, rank=rank, world_size=world_size,
+                              batches_per_epoch=batches_per_epoch)
+    plan = TrainPlan(sampler, table.num_frames, clip_len, Augment(height, width, flip_p, pad, erase_p))
+    return TrainLoader(table, plan, backend=backend, device=device, dtype=dtype, workers=workers,
+                       clip_len=clip_len, height=height, width=width)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+class EvalLoader:
+    """Every tracklet of a split, in manifest order; in `dense` mode a tracklet gives several clips in a row.
+
+    Each batch carries, per clip, the tracklet's key, pid, camera and index (`tracklet`) into `table.tracklets`;
+    the metadata comes out of the same pipeline as the pixels. The last batch may be smaller.
+    """
+
+    def __init__(self, table: TrackletTable, clips: list, *, batch_size: int, backend: str, device: torch.device,
+                 dtype: torch.dtype, workers: int, clip_len: int, height: int, width: int):
+        self.table, self.clips, self.batch_size, self.backend = table, clips, batch_size, backend
+        self.device, self.dtype, self.workers = device, dtype, workers
+        self.clip_len, self.height, self.width = clip_len, height, width
+        self._pipe, self._pipe_ready = None, False
+
+    def __len__(self) -> int:
+        return -(-len(self.clips) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        keys = self.table.keys
+        if self.backend == "dali":
+            if not self._pipe_ready:
+                self.close()
+                source = dali_loader.EvalSource(self.table, self.clips, self.height, self.width, self.batch_size)
+                self._pipe = dali_loader.build_pipeline(
+                    source, batch_size=self.batch_size, clip_len=self.clip_len, height=self.height,
+                    width=self.width, device=self.device, workers=self.workers, half=self.dtype == torch.float16)
+            self._pipe_ready, pipe, left = False, self._pipe, len(self.clips)
+            for batch in dali_loader.run_pipeline(pipe, self.device, self.dtype):
+                n = min(left, self.batch_size)  # the last batch is padded with copies: drop them
+                left -= n
+                tracklet = batch["tracklet"][:n]
+                yield {"clips": batch["clips"][:n], "keys": [keys[i] for i in tracklet.tolist()],
+                       "pids": batch["labels"][:n], "camids": batch["camids"][:n], "tracklet": tracklet}
+            self._pipe_ready = pipe is self._pipe
+            return
+        batches = SpecBatches()
+        specs, bs = self.clips, self.batch_size
+        batches.batches = lambda: (specs[i:i + bs] for i in range(0, len(specs), bs))
+        batches.count = len(self)
+        loader = _torch_dataloader(self.table, self.height, self.width, self.workers, self.device, self.dtype,
+                                   batches)
+        pids, camids = torch.from_numpy(self.table.pids), torch.from_numpy(self.table.camids)
+        for clips, tracklet in loader:
+            yield {"clips": _on_device(clips, self.device, self.dtype),
+                   "keys": [keys[i] for i in tracklet.tolist()], "pids": pids[tracklet], "camids": camids[tracklet],
+                   "tracklet": tracklet}
+
+    def close(self) -> None:
+        dali_loader.close_pipeline(self._pipe)
+        self._pipe, self._pipe_ready = None, False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def build_eval_loader(shard_dir, split: str, *, mode: str = "paper", clip_len: int, height: int, width: int,
+                      batch_size: int, backend: str = "dali", device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32, workers: int = 2) -> EvalLoader:
+    """Every tracklet of `split` ("train", "query" or "gallery") in order: `paper` = one clip of the first
+    frames of the T chunks; `dense` = all frames in chunks of T (last chunk padded with the last frame)."""
+    _check(backend, dtype, clip_len, height, width)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    table = TrackletTable.from_dir(shard_dir, split)
+    return EvalLoader(table, eval_clips(table.num_frames, clip_len, mode), batch_size=batch_size, backend=backend,
+                      device=torch.device(device), dtype=dtype, workers=workers, clip_len=clip_len, height=height,
+                      width=width)

@@ -1,0 +1,203 @@
+"""The tracklet table: every tracklet of a split with its labels and where each of its frames lies in the shards.
+
+Built from `manifest.json` and the shards' `.idx` files (shards/FORMAT.md); the tars themselves are never parsed.
+Frames are read by (shard, offset, size) from memory maps that each process opens once (`FrameStore`).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stenvan.shards import SPLITS, ShardFormatError, frame_member, load_manifest, read_index
+
+
+@dataclass(frozen=True)
+class Tracklet:
+    key: str  # e.g. "0001C1T0001" (MARS) or "0001_C6_T0001" (DukeV); unique within the split
+    pid: int  # identity as in the file names: 0 distractor, -1 junk (MARS)
+    camid: int  # 1-based camera
+    label: int  # training label 0..num_ids-1; -1 outside the train split
+    num_frames: int
+    shard: str  # shard file name, relative to the dataset folder
+    sample: int  # sample number in the shard (line of the .idx)
+    query: bool = False  # gallery flags from the manifest (False where the split has none)
+    junk: bool = False
+    distractor: bool = False
+
+
+class FrameStore:
+    """Reads frames by (shard id, offset, size) from read-only memory maps, opened lazily once per process.
+
+    Picklable (a spawned DALI worker or DataLoader worker reopens the maps), and safe across fork: a process
+    that inherits the maps from its parent opens its own on first use.
+    """
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        self._maps: dict[int, mmap.mmap] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self):
+        return {"paths": self.paths}
+
+    def __setstate__(self, state):
+        self.paths = state["paths"]
+        self._maps, self._pid = {}, os.getpid()
+
+    def _map(self, shard: int) -> mmap.mmap:
+        if self._pid != os.getpid():
+            self._maps, self._pid = {}, os.getpid()
+        m = self._maps.get(shard)
+        if m is None:
+            try:
+                with open(self.paths[shard], "rb") as f:
+                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except FileNotFoundError:
+                raise ShardFormatError(f"{self.paths[shard]}: shard missing (it was there when the table was "
+                                       "built); rerun `python -m prepare ...` on the dataset") from None
+            self._maps[shard] = m
+        return m
+
+    def read(self, shard: int, offset: int, size: int) -> np.ndarray:
+        """The member's bytes as a uint8 array viewing the map (no copy; valid while the store lives)."""
+        return np.frombuffer(self._map(shard), dtype=np.uint8, count=size, offset=offset)
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # an array still views it: the map is freed with the array
+                pass
+        self._maps = {}
+
+
+class TrackletTable:
+    """Tracklets of one split, in manifest order, and the location of every frame.
+
+    `tracklets[i]` describes tracklet i; its frames are `frame_shard[i]`, `frame_offsets[starts[i]:starts[i+1]]`
+    and `frame_sizes[...]` (CSR layout: one array for the whole split, cheap to pickle into workers).
+    """
+
+    def __init__(self, directory: Path, split: str, dataset: str, tracklets: list[Tracklet], num_ids: int,
+                 shard_paths: list[str], shard_of: np.ndarray, starts: np.ndarray, offsets: np.ndarray,
+                 sizes: np.ndarray, json_locs: np.ndarray):
+        self.directory, self.split, self.dataset = directory, split, dataset
+        self.tracklets, self.num_ids = tracklets, num_ids
+        self.shard_paths = shard_paths  # absolute paths; index = shard id
+        self.shard_of = shard_of  # (N,) int32 shard id of each tracklet
+        self.starts = starts  # (N+1,) int64
+        self.frame_offsets, self.frame_sizes = offsets, sizes  # (total frames,) int64
+        self.json_locs = json_locs  # (N, 2) int64: offset, size of each tracklet's JSON member
+        self.labels = np.array([t.label for t in tracklets], dtype=np.int64)
+        self.pids = np.array([t.pid for t in tracklets], dtype=np.int64)
+        self.camids = np.array([t.camid for t in tracklets], dtype=np.int64)
+        self.num_frames = np.diff(starts)
+
+    def __len__(self) -> int:
+        return len(self.tracklets)
+
+    @property
+    def keys(self) -> list[str]:
+        return [t.key for t in self.tracklets]
+
+    def store(self) -> FrameStore:
+        return FrameStore(self.shard_paths)
+
+    def frame_locations(self, index: int, frames) -> list[tuple[int, int, int]]:
+        """(shard id, offset, size) of the given frames (0-based) of tracklet `index`."""
+        base, shard = self.starts[index], int(self.shard_of[index])
+        return [(shard, int(self.frame_offsets[base + f]), int(self.frame_sizes[base + f])) for f in frames]
+
+    def metadata(self, index: int, store: FrameStore | None = None) -> dict:
+        """The tracklet's JSON member (original frame names, `source` folder, ...)."""
+        store = store or self.store()
+        offset, size = self.json_locs[index]
+        return json.loads(store.read(int(self.shard_of[index]), int(offset), int(size)).tobytes())
+
+    @classmethod
+    def from_dir(cls, shard_dir: str | os.PathLike, split: str) -> "TrackletTable":
+        """Read `manifest.json` and the `.idx` files of the shards the split uses, checking them on the way.
+
+        Raises ShardFormatError naming the file for: a missing manifest/shard/index, a format version this code
+        does not read, a shard whose size disagrees with the manifest, or an index that disagrees with it.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not valid; use one of {', '.join(map(repr, SPLITS))}")
+        directory = Path(shard_dir)
+        manifest = load_manifest(directory)
+        manifest_path = directory / "manifest.json"
+        try:
+            entry = manifest["splits"][split]
+            shards = {s["name"]: s for s in manifest["shards"]}
+            rows = entry["tracklets"]
+        except (KeyError, TypeError) as e:
+            raise ShardFormatError(f"{manifest_path}: missing field {e} (split {split!r}); rerun prepare") from None
+
+        # Each shard the split uses: present, of the manifest's size, with an index that matches it.
+        shard_ids: dict[str, int] = {}
+        indexes = []
+        for row in rows:
+            name = row["shard"]
+            if name in shard_ids:
+                continue
+            if name not in shards:
+                raise ShardFormatError(f"{manifest_path}: tracklet {row['key']} names shard {name!r}, which the "
+                                       "manifest does not list; rerun prepare")
+            path = directory / name
+            if not path.is_file():
+                raise ShardFormatError(f"{path}: shard missing; rerun `python -m prepare ...` on the dataset "
+                                       "(it keeps the shards that are intact and rewrites the rest)")
+            actual, expected = path.stat().st_size, shards[name]["bytes"]
+            if actual != expected:
+                raise ShardFormatError(f"{path}: {actual} bytes but the manifest says {expected}; the shard is "
+                                       "truncated or was replaced: rerun prepare")
+            idx_path = directory / shards[name]["index"]
+            index = read_index(idx_path)
+            if len(index) != shards[name]["num_tracklets"]:
+                raise ShardFormatError(f"{idx_path}: {len(index)} samples but the manifest says "
+                                       f"{shards[name]['num_tracklets']} for {name}; rerun prepare")
+            shard_ids[name] = len(indexes)
+            indexes.append((idx_path, expected, index))
+
+        tracklets, shard_of, starts, offsets, sizes, json_locs = [], [], [0], [], [], []
+        for row in rows:
+            sid = shard_ids[row["shard"]]
+            idx_path, shard_bytes, index = indexes[sid]
+            key, n, sample = row["key"], row["num_frames"], row["sample"]
+            if not 0 <= sample < len(index):
+                raise ShardFormatError(f"{idx_path}: no sample {sample} for tracklet {key}; rerun prepare")
+            members = index[sample]
+            names = [m.name for m in members]
+            if len(members) != n + 1 or names[0] != f"{key}.json" or \
+                    any(names[i + 1] != frame_member(key, i) for i in range(n)):
+                raise ShardFormatError(f"{idx_path}: sample {sample} holds {names[:2]}... ({len(members)} members),"
+                                       f" expected {key}.json and {n} frames of {key}; index and manifest disagree,"
+                                       " rerun prepare")
+            end = max(m.offset + m.size for m in members)
+            if end > shard_bytes:
+                raise ShardFormatError(f"{idx_path}: tracklet {key} ends at byte {end}, past the end of "
+                                       f"{row['shard']} ({shard_bytes} bytes); rerun prepare")
+            tracklets.append(Tracklet(key=key, pid=int(row["pid"]), camid=int(row["camid"]),
+                                      label=int(row["label"]) if split == "train" else -1, num_frames=n,
+                                      shard=row["shard"], sample=sample, query=bool(row.get("query", False)),
+                                      junk=bool(row.get("junk", False)),
+                                      distractor=bool(row.get("distractor", False))))
+            shard_of.append(sid)
+            json_locs.append((members[0].offset, members[0].size))
+            offsets.extend(m.offset for m in members[1:])
+            sizes.extend(m.size for m in members[1:])
+            starts.append(starts[-1] + n)
+        if any(t.num_frames < 1 for t in tracklets):
+            bad = next(t.key for t in tracklets if t.num_frames < 1)
+            raise ShardFormatError(f"{manifest_path}: tracklet {bad} has no frames; rerun prepare")
+
+        return cls(directory, split, manifest.get("dataset", "?"), tracklets, int(entry["num_ids"]),
+                   [str((directory / name).resolve()) for name in shard_ids], np.array(shard_of, dtype=np.int32),
+                   np.array(starts, dtype=np.int64), np.array(offsets, dtype=np.int64),
+                   np.array(sizes, dtype=np.int64), np.array(json_locs, dtype=np.int64).reshape(-1, 2))
