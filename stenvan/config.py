@@ -48,7 +48,7 @@ class TrainConfig:
     erase_p: float = 0.0  # random erasing probability (0 = off, the paper)
     # --- optimisation ---
     epochs: int = 200
-    optimizer: Literal["adam", "adamw"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # sgd: momentum 0.9
     lr: float = 1e-4
     weight_decay: float = 5e-5
     lr_schedule: Literal["step", "multistep", "cosine"] = "step"

@@ -1,0 +1,204 @@
+"""Evaluate a model on a prepared dataset: features per tracklet, the three protocols, and the outputs.
+
+Features carry their labels: every feature row is built from the eval loader's (key, pid, camid) for that
+tracklet, and the protocols select queries and galleries from those labels, never from row positions.
+MARS: one record per test tracklet (the gallery split), queries marked by `query_IDX`. DukeV: the query
+split (not in the gallery) plus the gallery split, which holds its own copy of every query tracklet.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stenvan.evaluation import Tracklets, evaluate_all, plot_cmc, plot_ranked_list, query_distances, top_k_matches
+from stenvan.evaluation.protocols import scalar_metrics
+from stenvan.shards import atomic_write, load_manifest
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def eval_splits(manifest: dict) -> list[tuple[str, bool, bool]]:
+    """(split, is_query, in_gallery) for the splits whose tracklets become records."""
+    if manifest["dataset"] == "mars":
+        return [("gallery", None, True)]  # queries are gallery tracklets marked "query"
+    return [("query", True, False), ("gallery", False, True)]
+
+
+@torch.no_grad()
+def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: str, clip_len: int, height: int,
+                  width: int, device: torch.device, precision: str, loader: str = "dali", workers: int = 2,
+                  batch_size: int = 32, progress: bool = True) -> tuple[np.ndarray, dict]:
+    """Post-BN features (num_tracklets, 2048) of a split in manifest order (dense: mean over a tracklet's clips)."""
+    from tqdm import tqdm
+
+    from stenvan.data import build_eval_loader
+
+    manifest = load_manifest(shard_dir)
+    entries = manifest["splits"][split]["tracklets"]
+    model.eval()
+    sums = torch.zeros(len(entries), 2048, device=device)
+    counts = torch.zeros(len(entries), device=device)
+    seen = torch.zeros(len(entries), dtype=torch.bool)
+    frames = 0
+    start = time.perf_counter()
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[precision], enabled=precision != "fp32")
+    batches = build_eval_loader(shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
+                                batch_size=batch_size, backend=loader, device=device, dtype=torch.float32,
+                                workers=workers)
+    with tqdm(total=len(entries), desc=f"features {split}", unit="tracklet", disable=None if progress else True) as bar:
+        for batch in batches:
+            index = batch["tracklet"].to(device)
+            for i, key, pid in zip(batch["tracklet"].tolist(), batch["keys"], batch["pids"].tolist()):
+                if entries[i]["key"] != key or entries[i]["pid"] != pid:  # never misattribute a feature
+                    raise RuntimeError(f"eval loader gave {key} (pid {pid}) for tracklet {i} = {entries[i]['key']}")
+            with autocast:
+                feats = model(batch["clips"]).float()  # (N, 2048) post-BN features
+            sums.index_add_(0, index, feats)
+            counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float32))
+            newly = ~seen[batch["tracklet"]]
+            seen[batch["tracklet"]] = True
+            bar.update(int(newly.sum()))
+            frames += batch["clips"].shape[0] * batch["clips"].shape[1]
+    if not seen.all():
+        missing = [entries[i]["key"] for i in torch.nonzero(~seen).flatten().tolist()[:5]]
+        raise RuntimeError(f"eval loader skipped tracklets of {split}, e.g. {missing}")
+    seconds = time.perf_counter() - start
+    stats = {"frames": frames, "seconds": seconds, "frames_per_s": frames / max(seconds, 1e-9)}
+    return (sums / counts[:, None]).cpu().numpy(), stats
+
+
+def build_records(shard_dir: str) -> tuple[Tracklets, list[tuple[str, int]]]:
+    """Records of every evaluated tracklet and, for each, its (split, index in that split)."""
+    manifest = load_manifest(shard_dir)
+    keys, pids, camids, is_query, in_gallery, origin = [], [], [], [], [], []
+    for split, query_flag, gallery_flag in eval_splits(manifest):
+        for i, e in enumerate(manifest["splits"][split]["tracklets"]):
+            keys.append(f"{split}/{e['key']}")
+            pids.append(e["pid"])
+            camids.append(e["camid"])
+            is_query.append(bool(e.get("query")) if query_flag is None else query_flag)
+            in_gallery.append(gallery_flag)
+            origin.append((split, i))
+    records = Tracklets(np.array(keys), np.array(pids), np.array(camids), np.array(is_query), np.array(in_gallery))
+    return records, origin
+
+
+def evaluate_model(model, shard_dir: str, *, mode: str, clip_len: int, height: int, width: int, device,
+                   precision: str, loader: str = "dali", workers: int = 2, batch_size: int = 32,
+                   metric: str = "cosine", return_features: bool = False, progress: bool = True):
+    """Features for every record, then {"official", "standard", "torchreid"} results."""
+    manifest = load_manifest(shard_dir)
+    parts, stats = [], {"frames": 0, "seconds": 0.0}
+    for split, _, _ in eval_splits(manifest):
+        feats, s = extract_split(model, shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
+                                 device=device, precision=precision, loader=loader, workers=workers,
+                                 batch_size=batch_size, progress=progress)
+        parts.append(feats)
+        stats["frames"] += s["frames"]
+        stats["seconds"] += s["seconds"]
+    features = np.concatenate(parts)
+    records, origin = build_records(shard_dir)
+    results = evaluate_all(features, records, metric=metric)
+    stats["frames_per_s"] = stats["frames"] / max(stats["seconds"], 1e-9)
+    if return_features:
+        return results, features, records, origin, stats
+    return results
+
+
+def write_outputs(out_dir: str | os.PathLike, results: dict, features: np.ndarray, records: Tracklets,
+                  origin: list[tuple[str, int]], shard_dir: str, metric: str, extra: dict, num_queries_shown: int = 6):
+    """metrics.json, features.npz, cmc.png and ranked_list.png in `out_dir` (each written atomically)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {**scalar_metrics(results), **extra}
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=records.keys, pids=records.pids, camids=records.camids, is_query=records.is_query,
+             features=features.astype(np.float32))
+    atomic_write(out_dir / "features.npz", buffer.getvalue())
+    plot_cmc(results, out_dir / "cmc.png")
+    dist = query_distances(features, records, metric)
+    pick = np.linspace(0, len(records.query_indices) - 1, num=min(num_queries_shown, len(records.query_indices)))
+    rows = sorted(set(pick.astype(int).tolist()))
+    order, statuses = top_k_matches(dist[rows], _subset_queries(records, rows), "official", k=10)
+    thumbs = _thumbnails(shard_dir, origin)
+    query_thumbs = [thumbs(records.query_indices[r]) for r in rows]
+    ranked = [[thumbs(j) for j in order[i]] for i in range(len(rows))]
+    titles = [str(records.keys[records.query_indices[r]]) for r in rows]
+    plot_ranked_list(query_thumbs, ranked, statuses.tolist(), out_dir / "ranked_list.png", query_titles=titles)
+    return metrics
+
+
+def _subset_queries(records: Tracklets, rows: list[int]) -> Tracklets:
+    """The same records with only the chosen queries (rows of records.query_indices) still marked as queries."""
+    keep = np.zeros(len(records), dtype=bool)
+    keep[records.query_indices[rows]] = True
+    return Tracklets(records.keys, records.pids, records.camids, records.is_query & keep, records.in_gallery)
+
+
+def _thumbnails(shard_dir: str, origin: list[tuple[str, int]]):
+    """record index -> the tracklet's first frame as a 64x32 RGB thumbnail (read from its shard by offset)."""
+    from PIL import Image
+
+    from stenvan.data import TrackletTable
+
+    tables: dict[str, tuple] = {}
+
+    def thumb(record: int) -> np.ndarray:
+        split, i = origin[record]
+        if split not in tables:
+            table = TrackletTable.from_dir(shard_dir, split)
+            tables[split] = (table, table.store())
+        table, store = tables[split]
+        data = store.read(*table.frame_locations(i, [0])[0]).tobytes()
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB").resize((32, 64), Image.BILINEAR))
+
+    return thumb
+
+
+def load_model_for_eval(checkpoint: str, original_arch: str | None, untrained: bool = False):
+    """(model, settings) from a stenvan checkpoint, or from a checkpoint released by the original project.
+
+    settings: arch, clip_len, height, width, seed and the checkpoint's training config (if any).
+    untrained=True builds the same model with the run's seed and initial weights, without loading any.
+    """
+    from stenvan.checkpoint import CheckpointError, read_checkpoint
+    from stenvan.config import config_from_dict
+    from stenvan.trainer import build_model_from_config
+
+    if original_arch:
+        from stenvan.models import load_original_checkpoint
+
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{checkpoint}: checkpoint not found") from None
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a file it cannot read
+            raise CheckpointError(f"{checkpoint}: cannot be loaded as a PyTorch state dict ({type(e).__name__})") from None
+        try:
+            model = load_original_checkpoint(state, original_arch)
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{checkpoint}: not an original {original_arch} checkpoint: {e}") from None
+        return model, {"arch": original_arch, "clip_len": 8, "height": 256, "width": 128, "source": "original"}
+    state = read_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"])
+    torch.manual_seed(cfg.seed)  # the trainer's initial weights (what "untrained" means)
+    # ImageNet weights matter only for "untrained" (the trainer started from them); otherwise the checkpoint
+    # overwrites every weight.
+    model = build_model_from_config(cfg, state["num_classes"], pretrained=untrained)
+    if not untrained:
+        try:
+            model.load_state_dict(state["model"], strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{checkpoint}: does not fit a {cfg.arch} model with {state['num_classes']} classes "
+                                  f"({str(e).splitlines()[0]}); it was written for another model") from None
+    return model, {"arch": cfg.arch, "clip_len": cfg.clip_len, "height": cfg.height, "width": cfg.width,
+                   "source": "untrained" if untrained else "stenvan", "config": cfg}
