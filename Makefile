@@ -11,12 +11,13 @@ STAMP := $(VENV)/.installed
 
 DEMO_DATA ?= data/synthetic_mars
 DEMO_SHARDS ?= shards/synthetic_mars
+DEMO_RUN ?= runs/demo
 
 .PHONY: install test demo bench clean-demo
 
 install: $(STAMP)
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
@@ -30,14 +31,29 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	rm -rf $(DEMO_DATA) $(DEMO_SHARDS)
+	rm -rf $(DEMO_DATA) $(DEMO_SHARDS) $(DEMO_RUN)
 	$(PY) -m prepare synthetic --layout mars --out $(DEMO_DATA) --ids 60 --seed 0
 	$(PY) -m prepare mars --data-dir $(DEMO_DATA) --info-dir $(DEMO_DATA)/info --out $(DEMO_SHARDS) --workers 2
 	$(PY) -m prepare verify $(DEMO_SHARDS)
 	$(PY) -m prepare inspect $(DEMO_SHARDS)
+	$(PY) train.py --config configs/demo.yaml --data $(DEMO_SHARDS) --out $(DEMO_RUN)
+	$(PY) eval.py --checkpoint $(DEMO_RUN)/last.pt --data $(DEMO_SHARDS) --untrained \
+		--out $(DEMO_RUN)/eval-untrained --summary $(DEMO_RUN)/metrics.json --label untrained
+	$(PY) eval.py --checkpoint $(DEMO_RUN)/last.pt --data $(DEMO_SHARDS) \
+		--out $(DEMO_RUN)/eval-trained --summary $(DEMO_RUN)/metrics.json --label trained
+	@echo "trained vs untrained (same model at its initial weights): $(DEMO_RUN)/metrics.json"
 
+# Every benchmark on this machine (GPU variants where CUDA is present), then benchmarks/RESULTS.md.
 bench: $(STAMP)
+	test -f $(DEMO_SHARDS)/manifest.json || ( $(PY) -m prepare synthetic --layout mars --out $(DEMO_DATA) --ids 60 \
+		--seed 0 && $(PY) -m prepare mars --data-dir $(DEMO_DATA) --out $(DEMO_SHARDS) --workers 2 )
 	$(PY) -m benchmarks.prepare
+	$(PY) -m benchmarks.non_local
+	$(PY) -m benchmarks.loader --data $(DEMO_SHARDS) --raw $(DEMO_DATA)
+	$(PY) -m benchmarks.train_step --arch nvan
+	$(PY) -m benchmarks.train_step --arch ste_nvan
+	$(PY) -m benchmarks.eval --data $(DEMO_SHARDS)
+	$(PY) -m benchmarks.report
 
 clean-demo:
-	rm -rf $(DEMO_DATA) $(DEMO_SHARDS)
+	rm -rf $(DEMO_DATA) $(DEMO_SHARDS) $(DEMO_RUN)

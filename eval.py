@@ -4,7 +4,8 @@
     python eval.py --checkpoint STE_NVAN.pth --original-arch ste_nvan --data shards/mars   # released models
     python eval.py --checkpoint runs/demo/last.pt --data shards/mars --untrained            # same model, initial weights
 
-Writes metrics.json, features.npz, cmc.png and ranked_list.png to --out (default: <checkpoint dir>/eval-<mode>).
+Writes metrics.json, features.npz, cmc.png and ranked_list.png to --out (default: <checkpoint dir>/eval-<mode>,
+with -untrained appended for --untrained).
 """
 
 import argparse
@@ -34,18 +35,16 @@ def main(argv=None) -> int:
     parser.add_argument("--label", default="eval", help="key of this evaluation in --summary (e.g. trained)")
     args = parser.parse_args(argv)
 
-    import torch
-
+    from stenvan.amp import resolve_precision
     from stenvan.checkpoint import CheckpointError
+    from stenvan.distributed import DeviceError, describe
     from stenvan.evaluate import evaluate_model, load_model_for_eval, write_outputs
     from stenvan.evaluation import format_table
     from stenvan.shards import ShardFormatError
-    from stenvan.trainer import resolve_precision
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    precision = resolve_precision(args.precision, device)
     try:
+        device = describe(args.device).device
+        precision = resolve_precision(args.precision, device)
         model, settings = load_model_for_eval(args.checkpoint, args.original_arch, args.untrained)
         model.to(device)
         settings.update({k: v for k, v in (("clip_len", args.clip_len), ("height", args.height),
@@ -55,10 +54,11 @@ def main(argv=None) -> int:
             model, args.data, mode=args.mode, clip_len=settings["clip_len"], height=settings["height"],
             width=settings["width"], device=device, precision=precision, loader=args.loader, workers=args.workers,
             batch_size=args.batch_size, metric=args.metric, return_features=True)
-    except (CheckpointError, ShardFormatError, ValueError) as e:
+    except (CheckpointError, ShardFormatError, DeviceError, ValueError, ImportError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out or Path(args.checkpoint).parent / f"eval-{args.mode}")
+    default_out = f"eval-{args.mode}" + ("-untrained" if args.untrained else "")
+    out = Path(args.out or Path(args.checkpoint).parent / default_out)
     extra = {"checkpoint": str(args.checkpoint), "model": settings["source"], "arch": settings["arch"],
              "mode": args.mode, "metric": args.metric, "data": str(args.data), "feature_frames_per_s":
              stats["frames_per_s"]}

@@ -16,7 +16,13 @@ import sys
 
 from stenvan.checkpoint import CheckpointError
 from stenvan.config import ConfigError, load_config
+from stenvan.distributed import DeviceError
 from stenvan.shards import ShardFormatError
+
+# RuntimeError: torchvision could not download the ImageNet weights (its message says how to get the file);
+# FileNotFoundError: a --pretrained path that does not exist; ImportError: --loader dali without DALI.
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, ValueError, FileNotFoundError,
+               RuntimeError, ImportError)
 
 
 def main(argv=None) -> int:
@@ -32,7 +38,7 @@ def main(argv=None) -> int:
         from stenvan.trainer import Trainer, TrainingStopped
 
         trainer = Trainer(cfg, resume=args.resume)
-    except (ConfigError, CheckpointError, ShardFormatError, ValueError) as e:
+    except USER_ERRORS as e:  # bad config, data, checkpoint, weights file or device: one line, no traceback
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     try:
@@ -40,6 +46,9 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         print(f"train: stopped: {e}", file=sys.stderr)
         return 3
+    except ShardFormatError as e:  # e.g. a shard deleted or replaced under a running job
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
     return 0

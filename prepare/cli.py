@@ -16,6 +16,7 @@ import re
 import sys
 
 from prepare.tracklet import PrepareError
+from stenvan.shards import ShardFormatError
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (PrepareError, FileExistsError, ValueError) as e:
+    except (PrepareError, ShardFormatError, FileExistsError, ValueError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,9 @@
 """Write tracklets into verified WebDataset tar shards, resumably, and finish with `manifest.json`.
 
 Plan → write → manifest:
-- The plan packs whole identities (never splitting a tracklet or an identity) into shards of at most
-  `shard_bytes`, per shard group, from file sizes alone; the same input always gives the same plan.
+- The plan packs tracklets into shards of at most `shard_bytes` per shard group, from file sizes alone,
+  never splitting a tracklet or a run of consecutive tracklets of one identity (the datasets list an
+  identity's tracklets together); the same input always gives the same plan.
 - Each shard is written to a temporary file and renamed; then its index; then a progress record with its
   sha256. A rerun keeps every shard whose record, plan fingerprint and sha256 still match, and rewrites
   the rest, so a killed run resumes and ends with the bytes of an uninterrupted one.
@@ -17,6 +18,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -258,9 +260,7 @@ def prepare_dataset(dataset: str, tracklets: list[Tracklet], skipped: list[dict]
     records = {**kept, **{r["name"]: r for r in fresh}}
     manifest = build_manifest(dataset, jobs, records, skipped)
     atomic_write(os.path.join(out_dir, MANIFEST), dump_json(manifest))
-    for path in glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*")):
-        os.unlink(path)
-    os.rmdir(os.path.join(out_dir, PROGRESS_DIR))
+    shutil.rmtree(os.path.join(out_dir, PROGRESS_DIR))  # dot-files too (a temp file of a killed atomic write)
     written = sum(j.num_frames for j in todo)
     print(f"prepare: {dataset}: {len(jobs)} shards, {total:,} frames ({written:,} written in {seconds:.1f} s, "
           f"{written / max(seconds, 1e-9):,.0f} frames/s) -> {out_dir}", file=sys.stderr)

@@ -3,7 +3,8 @@
 A checkpoint is one dict (format name and version, config, model, optimizer, scaler, scheduler, progress,
 sampler position, RNG states) saved with `torch.save`, written to a temp file and renamed. Its sha256 goes
 into a sidecar `<name>.sha256` written after it, so a truncated or corrupted file is detected and skipped on
-resume. `last.pt` is a hard link to the newest checkpoint. Everything loads with `weights_only=True`.
+resume (and set aside as `<name>.bad`). `last.pt` is a hard link to the newest checkpoint. Everything loads
+with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import io
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from stenvan.shards import atomic_write
 
 FORMAT = "stenvan-checkpoint"
 VERSION = 1
@@ -28,28 +30,16 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
-def _fsync_write(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_checkpoint_file(state: dict, path: str | os.PathLike) -> Path:
     """Write one tagged checkpoint atomically, then its `.sha256` sidecar."""
     path = Path(path)
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
     payload = buffer.getvalue()
-    _fsync_write(path, payload)
-    _fsync_write(path.with_name(path.name + ".sha256"), (hashlib.sha256(payload).hexdigest() + "\n").encode())
+    sidecar = path.with_name(path.name + ".sha256")
+    sidecar.unlink(missing_ok=True)  # a stale hash beside a rewritten file would make it look corrupt
+    atomic_write(path, payload)
+    atomic_write(sidecar, hashlib.sha256(payload).hexdigest() + "\n")
     return path
 
 
@@ -108,5 +98,10 @@ def newest_valid_checkpoint(run_dir: str | os.PathLike, map_location="cpu") -> t
         try:
             return path, read_checkpoint(path, map_location)
         except CheckpointError as e:
-            print(f"resume: skipping {e}", file=sys.stderr, flush=True)
+            # Set aside as <name>.bad: kept for inspection, but no longer counted among the kept checkpoints.
+            os.replace(path, path.with_name(path.name + ".bad"))
+            sidecar = path.with_name(path.name + ".sha256")
+            if sidecar.exists():
+                os.replace(sidecar, path.with_name(path.name + ".sha256.bad"))
+            print(f"resume: skipping {e} (renamed to {path.name}.bad)", file=sys.stderr, flush=True)
     return None

@@ -1,12 +1,14 @@
 """The training configuration: one typed, frozen dataclass, YAML presets in `configs/`, `--key value` overrides.
 
 The resolved config is printed at start, saved as `config.yaml` in the run folder and stored in every
-checkpoint. Library functions take plain arguments; only `stenvan.train` reads this object.
+checkpoint. Library functions take plain arguments; only the trainer (`stenvan.trainer`) and the model loader
+of `stenvan.evaluate` read this object.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import typing
 from dataclasses import dataclass
@@ -71,7 +73,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs)
     ckpt_every: int = 500  # checkpoint every N steps (and at every epoch end); 0: epoch ends only
     keep_ckpts: int = 3  # step checkpoints kept on disk (last.pt always points to the newest)
-    log_every: int = 20  # steps between log lines (the only host-device sync of the loop)
+    log_every: int = 20  # steps between log lines (losses reach the host only then)
     eval_every: int = 0  # evaluate every N epochs (0: never during training)
     eval_mode: Literal["paper", "dense"] = "paper"
     select_on_test: bool = False  # keep best.pt by test mAP: selects on the test set, so off unless asked
@@ -86,12 +88,20 @@ class TrainConfig:
         need(self.clip_len >= 1, "clip_len must be at least 1")
         need(self.arch != "ste_nvan" or self.clip_len % 4 == 0,
              f"clip_len={self.clip_len}: STE-NVAN halves the frames twice, so clip_len must be a multiple of 4")
-        need(self.height % 16 == 0 and self.width % 16 == 0, "height and width must be multiples of 16 (ResNet strides)")
+        need(self.height >= 16 and self.width >= 16 and self.height % 16 == 0 and self.width % 16 == 0,
+             f"height={self.height}, width={self.width}: both must be positive multiples of 16 (ResNet strides)")
+        need(self.stripes >= 1, f"stripes={self.stripes} must be at least 1")
         need(self.arch != "ste_nvan" or (self.height // 16) % self.stripes == 0,
              f"stripes={self.stripes} must divide the layer-3 feature height height/16 = {self.height // 16}")
         need(self.ids_per_batch >= 2 and self.tracklets_per_id >= 2,
              "ids_per_batch and tracklets_per_id must be at least 2 (the triplet loss needs positives and negatives)")
-        need(self.epochs >= 1 and self.lr > 0 and self.weight_decay >= 0, "epochs >= 1, lr > 0, weight_decay >= 0")
+        need(self.epochs >= 1, f"epochs={self.epochs} must be at least 1")
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be a positive finite number")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be >= 0")
+        need(math.isfinite(self.lr_gamma) and self.lr_gamma > 0, f"lr_gamma={self.lr_gamma} must be > 0")
+        need(self.lr_step_epochs >= 1, f"lr_step_epochs={self.lr_step_epochs} must be at least 1")
+        need(0 <= self.warmup_epochs <= self.epochs, f"warmup_epochs={self.warmup_epochs} must be in 0..epochs")
+        need(self.workers >= 0 and self.batches_per_epoch >= 0, "workers and batches_per_epoch must be >= 0")
         need(0 <= self.flip_p <= 1 and 0 <= self.erase_p <= 1 and self.pad >= 0, "flip_p, erase_p in [0, 1], pad >= 0")
         need(self.lr_schedule != "multistep" or len(self.lr_milestones) > 0,
              "lr_schedule=multistep needs lr_milestones (e.g. --lr_milestones 40,70)")

@@ -1,7 +1,9 @@
 """Distributed setup from torchrun's environment; one code path for CPU, one GPU and N GPUs on M nodes.
 
 `torchrun` sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python train.py` is a world of one. NCCL drives GPUs
-and gloo the CPU. Every side effect (logging, checkpoints, files) goes through `is_main()`.
+and gloo the CPU. Every side effect (logging, checkpoints, files) is guarded by `World.is_main`.
+Setup has two halves so that DALI's worker processes can fork before CUDA is initialised: `describe` only
+reads the environment, `join` selects the GPU and joins the process group.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+class DeviceError(RuntimeError):
+    """The requested device does not exist here; the message says what to use instead."""
 
 
 @dataclass(frozen=True)
@@ -26,31 +32,29 @@ class World:
         return self.rank == 0
 
 
-def setup(device: str = "auto") -> World:
-    """Join the process group torchrun describes (if any) and pick this process's device."""
+def describe(device: str = "auto") -> World:
+    """This process's place in the run and its device, from the environment; touches neither CUDA nor NCCL."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     size = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but torch sees no CUDA GPU; use --device cpu or auto")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
-                                device_id=dev if use_cuda else None)
-    return World(rank, local_rank, size, dev)
+    if device not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"device={device!r}: valid values are auto, cpu, cuda")
+    # torch.cuda.device_count() asks NVML, not the CUDA runtime, so it does not initialise CUDA.
+    has_gpu = torch.cuda.device_count() > 0
+    if device == "cuda" and not has_gpu:
+        raise DeviceError("device=cuda but torch sees no CUDA GPU here; use --device cpu (or auto)")
+    use_cuda = has_gpu if device == "auto" else device == "cuda"
+    return World(rank, local_rank, size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+def join(world: World) -> None:
+    """Select this process's GPU and join the process group torchrun describes (if there is one)."""
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+    if world.size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if world.device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30),
+                                device_id=world.device if world.device.type == "cuda" else None)
 
 
 def barrier() -> None:
@@ -69,15 +73,6 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x.contiguous()))
-
-
-def all_reduce_max(value: float, device: torch.device) -> float:
-    """The largest value over all ranks (e.g. 'some rank was told to stop')."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 def cleanup() -> None:

@@ -17,15 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stenvan.amp import autocast as amp_autocast
 from stenvan.evaluation import Tracklets, evaluate_all, plot_cmc, plot_ranked_list, query_distances, top_k_matches
 from stenvan.evaluation.protocols import scalar_metrics
 from stenvan.shards import atomic_write, load_manifest
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def eval_splits(manifest: dict) -> list[tuple[str, bool, bool]]:
-    """(split, is_query, in_gallery) for the splits whose tracklets become records."""
+def eval_splits(manifest: dict) -> list[tuple[str, bool | None, bool]]:
+    """(split, is_query, in_gallery) for the splits whose tracklets become records; is_query None: per tracklet,
+    from its "query" flag."""
     if manifest["dataset"] == "mars":
         return [("gallery", None, True)]  # queries are gallery tracklets marked "query"
     return [("query", True, False), ("gallery", False, True)]
@@ -48,11 +47,12 @@ def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: s
     seen = torch.zeros(len(entries), dtype=torch.bool)
     frames = 0
     start = time.perf_counter()
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[precision], enabled=precision != "fp32")
+    autocast = amp_autocast(device, precision)
     batches = build_eval_loader(shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
                                 batch_size=batch_size, backend=loader, device=device, dtype=torch.float32,
                                 workers=workers)
-    with tqdm(total=len(entries), desc=f"features {split}", unit="tracklet", disable=None if progress else True) as bar:
+    with batches, tqdm(total=len(entries), desc=f"features {split}", unit="tracklet",
+                       disable=None if progress else True) as bar:
         for batch in batches:
             index = batch["tracklet"].to(device)
             for i, key, pid in zip(batch["tracklet"].tolist(), batch["keys"], batch["pids"].tolist()):
@@ -124,10 +124,10 @@ def write_outputs(out_dir: str | os.PathLike, results: dict, features: np.ndarra
              features=features.astype(np.float32))
     atomic_write(out_dir / "features.npz", buffer.getvalue())
     plot_cmc(results, out_dir / "cmc.png")
-    dist = query_distances(features, records, metric)
     pick = np.linspace(0, len(records.query_indices) - 1, num=min(num_queries_shown, len(records.query_indices)))
     rows = sorted(set(pick.astype(int).tolist()))
-    order, statuses = top_k_matches(dist[rows], _subset_queries(records, rows), "official", k=10)
+    shown = _subset_queries(records, rows)  # only the shown queries: their distances alone are computed
+    order, statuses = top_k_matches(query_distances(features, shown, metric), shown, "official", k=10)
     thumbs = _thumbnails(shard_dir, origin)
     query_thumbs = [thumbs(records.query_indices[r]) for r in rows]
     ranked = [[thumbs(j) for j in order[i]] for i in range(len(rows))]

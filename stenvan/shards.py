@@ -129,6 +129,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     payload = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the result is an ordinary shared file
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()

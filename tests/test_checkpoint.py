@@ -44,8 +44,10 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, capsys, damage):
     assert path.name == "step-000000001.pt" and loaded["progress"]["global_step"] == 1
     err = capsys.readouterr().err
     assert "skipping" in err and "step-000000002.pt" in err
-    with pytest.raises(CheckpointError, match="step-000000002.pt"):
-        read_checkpoint(newest)
+    assert not newest.exists()  # set aside, so it no longer counts among the kept checkpoints
+    assert newest.with_name(newest.name + ".bad").exists()
+    save_checkpoint(state(3), tmp_path, 3, keep=2)  # pruning keeps the good ones
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["step-000000001.pt", "step-000000003.pt"]
 
 
 def test_truncated_without_sidecar_is_detected(tmp_path):

@@ -44,6 +44,12 @@ def test_overrides_are_typed():
     (["--height", "64", "--stripes", "16"], "stripes=16 must divide"),
     (["--lr_schedule", "multistep"], "needs lr_milestones"),
     (["--lr"], "needs a value"),
+    (["--stripes", "0"], "stripes=0 must be at least 1"),
+    (["--lr_step_epochs", "0"], "lr_step_epochs=0"),
+    (["--height", "0"], "positive multiples of 16"),
+    (["--lr", "inf"], "positive finite"),
+    (["--lr_gamma", "-1"], "lr_gamma=-1.0"),
+    (["--warmup_epochs", "-2"], "warmup_epochs=-2"),
     (["lr", "1"], "expected --key value"),
 ])
 def test_bad_overrides_are_clear_errors(args, message):

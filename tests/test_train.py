@@ -51,34 +51,73 @@ def assert_same(a, b, atol=0.0):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=f"parameter {k} differs")
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(shards, tmp_path):
-    ref = run(train_cmd(shards, tmp_path / "ref", "--max_steps", "7", "--ckpt_every", "1", "--keep_ckpts", "10"))
-    assert ref.returncode == 0, ref.stderr
-    final = model_of(tmp_path / "ref" / "last.pt")
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """An uninterrupted 7-step run, checkpointing every step."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = run(train_cmd(shards, out, *SEVEN_STEPS))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+SEVEN_STEPS = ["--max_steps", "7", "--ckpt_every", "1", "--keep_ckpts", "10"]
+
+
+def wait_for_checkpoint(out, step, proc):
+    deadline = time.time() + 300
+    while not (out / f"step-{step:09d}.pt.sha256").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(shards, reference, tmp_path):
+    final = model_of(reference / "last.pt")
     with pytest.raises(AssertionError):  # not vacuous: one step less gives other parameters
-        assert_same(model_of(tmp_path / "ref" / "step-000000006.pt"), final)
+        assert_same(model_of(reference / "step-000000006.pt"), final)
 
     kill_after = random.Random().randint(2, 5)  # a random step, a different one on each run of the suite
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(train_cmd(shards, out, "--max_steps", "7", "--ckpt_every", "1", "--keep_ckpts", "10"),
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 300
-    while not (out / f"step-{kill_after:09d}.pt.sha256").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
+    proc = subprocess.Popen(train_cmd(shards, out, *SEVEN_STEPS), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    wait_for_checkpoint(out, kill_after, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "step-000000007.pt").exists()
     # The newest checkpoint is damaged too (as by a crash mid-write on a bad disk): resume must skip it.
     newest = sorted(out.glob("step-*.pt"))[-1]
     newest.write_bytes(newest.read_bytes()[:1000])
-    resumed = run(train_cmd(shards, out, "--max_steps", "7", "--ckpt_every", "1", "--keep_ckpts", "10",
-                            "--resume", "auto"))
+    resumed = run(train_cmd(shards, out, *SEVEN_STEPS, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr
     assert "skipping" in resumed.stderr and newest.name in resumed.stderr
     assert read_checkpoint(out / "last.pt")["progress"]["global_step"] == 7
     assert_same(model_of(out / "last.pt"), final)
+
+
+def test_torchrun_max_restarts_resumes_a_killed_worker(shards, reference, tmp_path):
+    out = tmp_path / "restarted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--max-restarts=1", "--master_port",
+           str(30500 + random.Random().randint(0, 999)), *train_cmd(shards, out, *SEVEN_STEPS, "--resume", "auto")[1:]]
+    agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_checkpoint(out, 3, agent)
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == agent.pid]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)  # the worker dies; torchrun starts it again with the same arguments
+    stdout, stderr = agent.communicate(timeout=300)
+    assert agent.returncode == 0, stderr[-2000:]
+    assert "resume:" in stdout + stderr
+    assert read_checkpoint(out / "last.pt")["progress"]["global_step"] == 7
+    assert_same(model_of(out / "last.pt"), model_of(reference / "last.pt"))
+
+
+def _parent(pid: int) -> int | None:
+    """The parent pid of a process (the torchrun agent's children are its workers)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def test_sigterm_saves_a_loadable_checkpoint(shards, tmp_path):
@@ -176,3 +215,21 @@ def test_bad_configs_and_checkpoints_are_clear_errors(shards, tmp_path):
     assert ok.returncode == 0, ok.stderr
     bad = run(train_cmd(shards, tmp_path / "run", "--arch", "nvan", "--resume", "auto"))
     assert bad.returncode == 2 and "holds a ste_nvan model" in bad.stderr
+
+
+def test_dali_pipeline_runs_across_epochs_without_rebuilds(shards, tmp_path, monkeypatch):
+    from stenvan.config import load_config
+    from stenvan.data import dali_loader
+    from stenvan.trainer import Trainer
+
+    builds = []
+    real = dali_loader.build_pipeline
+    monkeypatch.setattr(dali_loader, "build_pipeline", lambda *a, **k: builds.append(1) or real(*a, **k))
+    cfg = load_config(None, TINY + ["--loader", "dali", "--epochs", "3", "--batches_per_epoch", "2"],
+                      data=str(shards), out=str(tmp_path / "dali"))
+    trainer = Trainer(cfg)
+    assert len(builds) == 1  # built up front, before CUDA could be initialised
+    progress = trainer.fit()
+    trainer.close()
+    assert progress.global_step == 6 and progress.epoch == 3
+    assert len(builds) == 1  # one pipeline for the whole run

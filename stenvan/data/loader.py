@@ -124,7 +124,7 @@ class TrainLoader:
 
     @property
     def num_classes(self) -> int:
-        return self.table.num_ids
+        return int(self.table.labels.max()) + 1  # labels are 0..n-1 over every train identity
 
     @property
     def batch_size(self) -> int:
@@ -137,13 +137,19 @@ class TrainLoader:
             return iter(())
         return self._dali(epoch, start_step) if self.backend == "dali" else self._torch_epoch(epoch, start_step)
 
-    def _dali(self, epoch: int, start_step: int) -> Iterator[dict]:
-        if self._pipe is None or self._continues_at != (epoch, start_step):
+    def prepare(self, epoch: int, start_step: int = 0) -> None:
+        """Build the DALI pipeline for `epoch(epoch, start_step)` now, e.g. so that its worker processes fork
+        before CUDA is initialised (no-op for the torch backend)."""
+        if self.backend == "dali" and (self._pipe is None or self._continues_at != (epoch, start_step)):
             self.close()
             source = dali_loader.TrainSource(self.table, self.plan, self.height, self.width, epoch, start_step)
             self._pipe = dali_loader.build_pipeline(
                 source, batch_size=self.batch_size, clip_len=self.clip_len, height=self.height, width=self.width,
                 device=self.device, workers=self.workers, half=self.dtype == torch.float16)
+            self._continues_at = (epoch, start_step)
+
+    def _dali(self, epoch: int, start_step: int) -> Iterator[dict]:
+        self.prepare(epoch, start_step)
         self._continues_at = None
         pipe = self._pipe
         for batch in dali_loader.run_pipeline(pipe, self.device, self.dtype):
