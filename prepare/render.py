@@ -75,16 +75,21 @@ def random_identity(rng: np.random.Generator) -> Identity:
     )
 
 
+def _scene_colour(rng: np.random.Generator) -> np.ndarray:
+    """Urban scenes are mostly greyish: a grey level with a moderate tint (not the saturated clothing palette)."""
+    return np.clip(rng.uniform(40, 200) + rng.normal(0, 25, 3), 0, 255)
+
+
 def random_camera(rng: np.random.Generator) -> Camera:
-    base = rng.uniform(40, 200, 3)
+    base = _scene_colour(rng)
     ys = np.linspace(0, 1, H, dtype=np.float32)[:, None, None]
     sky = np.clip(base * (0.8 + 0.4 * ys), 0, 255)  # vertical gradient: floor lighter than walls
     background = np.broadcast_to(sky, (H, W, 3)).copy()
     for _ in range(int(rng.integers(3, 7))):  # static scene elements: doors, poles, signs
         y0, x0 = int(rng.integers(0, H - 20)), int(rng.integers(0, W - 10))
         h, w = int(rng.integers(10, 120)), int(rng.integers(5, 60))
-        background[y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255, 3)
-    return Camera(gain=rng.uniform(0.75, 1.25, 3).astype(np.float32), brightness=float(rng.uniform(0.7, 1.2)),
+        background[y0:y0 + h, x0:x0 + w] = _scene_colour(rng)
+    return Camera(gain=rng.uniform(0.85, 1.15, 3).astype(np.float32), brightness=float(rng.uniform(0.75, 1.2)),
                   mirror=bool(rng.random() < 0.5), scale=float(rng.uniform(0.9, 1.05)),
                   background=background.astype(np.uint8))
 
