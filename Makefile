@@ -32,7 +32,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf $(DEMO_DATA) $(DEMO_SHARDS) $(DEMO_RUN)
-	$(PY) -m prepare synthetic --layout mars --out $(DEMO_DATA) --ids 60 --seed 0
+	$(PY) -m prepare synthetic --layout mars --out $(DEMO_DATA) --ids 120 --seed 0 --max-len 60
 	$(PY) -m prepare mars --data-dir $(DEMO_DATA) --info-dir $(DEMO_DATA)/info --out $(DEMO_SHARDS) --workers 2
 	$(PY) -m prepare verify $(DEMO_SHARDS)
 	$(PY) -m prepare inspect $(DEMO_SHARDS)

@@ -139,9 +139,13 @@ def test_sigterm_saves_a_loadable_checkpoint(shards, tmp_path):
 def test_one_process_equals_two_processes(shards, tmp_path):
     # Holds when BatchNorm uses running statistics (freeze_bn): per-rank batch statistics would differ from the
     # global batch's. Then DDP's gradient all-reduce plus the global triplet mining give the 1-process gradient.
-    # SGD with a small lr keeps float noise float-sized: Adam's first steps are ±lr whatever the gradient's size,
-    # and a large lr lets noise flip batch-hard mining choices between near-tied candidates.
-    common = ["--max_steps", "3", "--freeze_bn", "true", "--ids_per_batch", "4", "--optimizer", "sgd", "--lr", "1e-4"]
+    # SGD with a small lr keeps float noise float-sized (Adam's first steps are ±lr whatever the gradient's size).
+    # After step 1 (same weights, same batch) only float reduction order differs: 1e-4 of the update. Later steps
+    # start from weights that already differ by that noise, and batch-hard mining may then flip between near-tied
+    # candidates of this tiny untrained model, so step 3 gets 1e-2. A real error (a rank's gradient or a mining
+    # half missing) changes the update by tens of percent.
+    common = ["--max_steps", "3", "--freeze_bn", "true", "--ids_per_batch", "4", "--optimizer", "sgd", "--lr", "1e-4",
+              "--ckpt_every", "1", "--keep_ckpts", "5"]
     one = run(train_cmd(shards, tmp_path / "one", *common))
     assert one.returncode == 0, one.stderr
     two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
@@ -150,17 +154,20 @@ def test_one_process_equals_two_processes(shards, tmp_path):
     assert read_checkpoint(tmp_path / "two" / "last.pt")["world_size"] == 2
     from stenvan.evaluate import load_model_for_eval
 
-    a, b = model_of(tmp_path / "one" / "last.pt"), model_of(tmp_path / "two" / "last.pt")
     init = load_model_for_eval(str(tmp_path / "one" / "last.pt"), None, untrained=True)[0].state_dict()
-    floats = [k for k in a if a[k].is_floating_point()]
-    update = sum((a[k] - init[k]).double().norm() ** 2 for k in floats) ** 0.5
-    differ = sum((a[k] - b[k]).double().norm() ** 2 for k in floats) ** 0.5
-    assert update > 1e-3  # training moved the weights
-    assert differ < 1e-3 * update, f"1 vs 2 processes differ by {differ / update:.2e} of the update"
+    for step, tolerance in ((1, 1e-4), (3, 1e-2)):
+        name = f"step-{step:09d}.pt"
+        a, b = model_of(tmp_path / "one" / name), model_of(tmp_path / "two" / name)
+        floats = [k for k in a if a[k].is_floating_point()]
+        update = sum((a[k] - init[k]).double().norm() ** 2 for k in floats) ** 0.5
+        differ = sum((a[k] - b[k]).double().norm() ** 2 for k in floats) ** 0.5
+        assert update > 1e-4 * step  # training moved the weights
+        assert differ < tolerance * update, f"step {step}: 1 vs 2 processes differ by {differ / update:.2e} of the update"
     # the logged losses are global means, so they agree too
     logs = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert abs(logs[0][0]["loss"] - logs[1][0]["loss"]) < 1e-4 * abs(logs[0][0]["loss"])
     for r1, r2 in zip(*logs):
-        assert abs(r1["loss"] - r2["loss"]) < 1e-3 * abs(r1["loss"])
+        assert abs(r1["loss"] - r2["loss"]) < 1e-2 * abs(r1["loss"])
 
 
 def test_bf16_autocast_runs_on_cpu_and_dali_loader(shards, tmp_path):
