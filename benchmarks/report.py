@@ -17,7 +17,7 @@ COLUMNS = {
     "prepare": ["workers", "frames", "frames_per_s", "mb_per_s", "ratio_to_copy"],
     "non_local": ["shape", "attention", "batch", "dtype", "median_s", "peak_mem_mib", "sdpa_backend",
                   "speedup_vs_reference", "memory_ratio_vs_reference"],
-    "loader": ["batch", "workers", "clips_per_s", "frames_per_s", "ratio_to_original"],
+    "loader": ["size", "batch", "workers", "clips_per_s", "frames_per_s", "vs_original", "data_wait_share"],
     "train_step": ["arch", "batch", "clips_per_s", "frames_per_s", "peak_mem_bytes", "achieved_tflops",
                    "ratio_to_original"],
     "eval": ["arch", "batch", "frames_per_s", "projected_mars_dense_s"],
@@ -33,7 +33,7 @@ the same run.
 
 def _key(row: dict) -> tuple:
     ident = [row.get("device"), row.get("variant")]
-    for extra in ("arch", "shape", "workers", "batch"):
+    for extra in ("arch", "shape", "size", "workers", "batch"):
         if extra in row:
             ident.append(row[extra])
     return tuple(str(i) for i in ident)
