@@ -240,3 +240,25 @@ def test_dali_pipeline_runs_across_epochs_without_rebuilds(shards, tmp_path, mon
     trainer.close()
     assert progress.global_step == 6 and progress.epoch == 3
     assert len(builds) == 1  # one pipeline for the whole run
+
+
+def test_periodic_evaluation_and_selection_only_when_asked(shards, tmp_path):
+    from stenvan.config import load_config
+    from stenvan.trainer import Trainer
+
+    for select in (False, True):
+        out = tmp_path / f"select-{select}"
+        cfg = load_config(None, TINY + ["--epochs", "2", "--batches_per_epoch", "1", "--eval_every", "1",
+                                        "--select_on_test", str(select).lower()], data=str(shards), out=str(out))
+        trainer = Trainer(cfg)
+        trainer.fit()
+        trainer.close()
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in records if r["kind"] == "eval"]
+        assert [r["step"] for r in evals] == [1, 2]
+        assert all(0 <= r["standard_rank1"] <= 1 and 0 <= r["official_mAP"] <= 1 for r in evals)
+        assert (out / "best.pt").exists() == select  # the test set picks a model only when asked
+        if select:
+            best = read_checkpoint(out / "best.pt")["progress"]["best_map"]
+            assert best == max(r["standard_mAP"] for r in evals)
+            assert read_checkpoint(out / "last.pt")["progress"]["best_map"] == best  # survives a resume
