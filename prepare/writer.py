@@ -66,18 +66,17 @@ def plan_shards(tracklets: list[Tracklet], shard_bytes: int, root: str) -> list[
                 runs[-1].append(t)
             else:
                 runs.append([t])
-        current: list[Tracklet] = []
+        shards: list[list[Tracklet]] = [[]]
         current_bytes = len(TAR_END)
         for run in runs:
             run_bytes = sum(member_span(len(_member_json(t, root))) + sum(member_span(s) for s in t.sizes)
                             for t in run)
-            if current and current_bytes + run_bytes > shard_bytes:
-                jobs.append(_job(group, len([j for j in jobs if j.group == group]), current, root))
-                current, current_bytes = [], len(TAR_END)
-            current += run
+            if shards[-1] and current_bytes + run_bytes > shard_bytes:
+                shards.append([])
+                current_bytes = len(TAR_END)
+            shards[-1] += run
             current_bytes += run_bytes
-        if current:
-            jobs.append(_job(group, len([j for j in jobs if j.group == group]), current, root))
+        jobs += [_job(group, number, members, root) for number, members in enumerate(shards) if members]
     return jobs
 
 

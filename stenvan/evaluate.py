@@ -74,9 +74,8 @@ def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: s
     return (sums / counts[:, None]).cpu().numpy(), stats
 
 
-def build_records(shard_dir: str) -> tuple[Tracklets, list[tuple[str, int]]]:
-    """Records of every evaluated tracklet and, for each, its (split, index in that split)."""
-    manifest = load_manifest(shard_dir)
+def build_records(manifest: dict) -> tuple[Tracklets, list[tuple[str, int]]]:
+    """Records of every evaluated tracklet of a loaded manifest and, for each, its (split, index in that split)."""
     keys, pids, camids, is_query, in_gallery, origin = [], [], [], [], [], []
     for split, query_flag, gallery_flag in eval_splits(manifest):
         for i, e in enumerate(manifest["splits"][split]["tracklets"]):
@@ -104,7 +103,7 @@ def evaluate_model(model, shard_dir: str, *, mode: str, clip_len: int, height: i
         stats["frames"] += s["frames"]
         stats["seconds"] += s["seconds"]
     features = np.concatenate(parts)
-    records, origin = build_records(shard_dir)
+    records, origin = build_records(manifest)
     results = evaluate_all(features, records, metric=metric)
     stats["frames_per_s"] = stats["frames"] / max(stats["seconds"], 1e-9)
     if return_features:

@@ -124,10 +124,6 @@ class IdentitySampler:
         """This rank's sample i of the step (what `batch(epoch, step)[i]` holds), computed on its own."""
         return self.slot(epoch, step, self.rank * self.ids_per_rank + i // self.K)[i % self.K]
 
-    def global_batch(self, epoch: int, step: int) -> list[int]:
-        """All P·K tracklet indices of the batch (what one process would load), identities grouped K by K."""
-        return [t for p in range(self.P) for t in self.slot(epoch, step, p)]
-
     def batch(self, epoch: int, step: int) -> list[int]:
         """This rank's P·K/world_size tracklet indices, identities grouped K consecutive."""
         first = self.rank * self.ids_per_rank
@@ -234,9 +230,6 @@ class TrainPlan:
         """This rank's clips of the step."""
         return [self.clip(epoch, step, t, self.sampler.global_position(i))
                 for i, t in enumerate(self.sampler.batch(epoch, step))]
-
-    def global_batch(self, epoch: int, step: int) -> list[ClipSpec]:
-        return [self.clip(epoch, step, t, g) for g, t in enumerate(self.sampler.global_batch(epoch, step))]
 
 
 def eval_clips(num_frames, clip_len: int, mode: str) -> list[ClipSpec]:
