@@ -51,10 +51,10 @@ def _parser() -> argparse.ArgumentParser:
                             "369,656 train; 702 + 408 distractor ids / 2,636 gallery tracklets / 445,764 frames")
     sized.add_argument("--scale", type=float, help="multiply the real counts (both splits) by this factor")
     sized.add_argument("--test-scale", type=float, help="multiply the test split's real counts by this instead")
-    from prepare.synthetic_sizes import FIELDS
+    from prepare.synthetic_sizes import OPTION_HELP
 
-    for name in FIELDS[:9]:
-        sized.add_argument("--" + name.replace("_", "-"), type=int, dest="size_" + name, metavar="N")
+    for name, text in OPTION_HELP.items():
+        sized.add_argument("--" + name.replace("_", "-"), type=int, dest="size_" + name, metavar="N", help=text)
     duke = syn.add_argument_group("quirks of the distributed DukeV (fractions of the tracklets)")
     duke.add_argument("--quirk-f0002", type=float, default=0.0, metavar="F",
                       help="tracklets whose frame numbers start at F0002 instead of F0001")
@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _synthetic(args) -> int:
     from prepare.synthetic import generate
-    from prepare.synthetic_sizes import FIELDS, REAL, scaled
+    from prepare.synthetic_sizes import OPTION_HELP, REAL, scaled
 
-    overrides = {f: getattr(args, "size_" + f) for f in FIELDS[:9] if getattr(args, "size_" + f) is not None}
+    overrides = {f: getattr(args, "size_" + f) for f in OPTION_HELP if getattr(args, "size_" + f) is not None}
     sizes = None
     scale, test_scale = args.scale, args.test_scale
     if args.real_sizes or scale is not None or test_scale is not None or overrides:

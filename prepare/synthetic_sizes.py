@@ -49,6 +49,14 @@ DUKEV_REAL = SplitSizes(train_ids=702, train_tracklets=2196, train_frames=369656
                         min_len=2, max_len=2000)
 REAL = {"mars": MARS_REAL, "dukev": DUKEV_REAL}
 FIELDS = tuple(SplitSizes.__dataclass_fields__)
+OPTION_HELP = {  # the command line's per-size options (the first 9 fields)
+    "train_ids": "training identities", "train_tracklets": "training tracklets", "train_frames": "training frames",
+    "test_ids": "MARS: real test identities; DukeV: query identities",
+    "test_tracklets": "MARS: all bbox_test tracklets; DukeV: gallery tracklets",
+    "test_frames": "frames of those tracklets (DukeV query copies not counted)",
+    "queries": "MARS: query tracklets, one per camera of each multi-camera test id (DukeV: = --test-ids)",
+    "distractors": "MARS: tracklets in 0000; DukeV: gallery-only identities", "junk": "MARS: tracklets in 00-1",
+}
 
 
 def scaled(layout: str, s: SplitSizes, train: float, test: float | None = None) -> SplitSizes:
