@@ -33,13 +33,33 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m prepare", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    syn = sub.add_parser("synthetic", help="write a synthetic dataset in the MARS or DukeV layout")
+    syn = sub.add_parser("synthetic", help="write a synthetic dataset in the MARS or DukeV layout",
+                         description="Small datasets with --ids N; exact split sizes with --real-sizes (the "
+                                     "distributed dataset's numbers), --scale and the per-size options.")
     syn.add_argument("--layout", choices=("mars", "dukev"), required=True)
-    syn.add_argument("--out", required=True, help="new or empty folder")
-    syn.add_argument("--ids", type=int, default=60, help="identities, split between train and test")
+    syn.add_argument("--out", required=True, help="new or empty folder (a finished one with the same options: no-op)")
+    syn.add_argument("--ids", type=int, help="identities, split between train and test (default 60; not with sizes)")
     syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--min-len", type=int, default=2, help="shortest tracklet (frames)")
-    syn.add_argument("--max-len", type=int, default=120, help="longest tracklet (frames)")
+    syn.add_argument("--min-len", type=int, help="shortest tracklet in frames (default 2)")
+    syn.add_argument("--max-len", type=int, help="longest tracklet in frames (default 120; real sizes: 920 MARS)")
+    syn.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                     help="processes; the bytes are the same for any number")
+    sized = syn.add_argument_group("exact split sizes (any of these starts from the real sizes of --layout)")
+    sized.add_argument("--real-sizes", action="store_true",
+                       help="MARS: 625 ids / 8,298 tracklets / 509,914 frames train; 634 ids + distractors + junk "
+                            "/ 12,180 tracklets / 681,089 frames / 1,980 queries test. DukeV: 702 / 2,196 / "
+                            "369,656 train; 702 + 408 distractor ids / 2,636 gallery tracklets / 445,764 frames")
+    sized.add_argument("--scale", type=float, help="multiply the real counts (both splits) by this factor")
+    sized.add_argument("--test-scale", type=float, help="multiply the test split's real counts by this instead")
+    from prepare.synthetic_sizes import OPTION_HELP
+
+    for name, text in OPTION_HELP.items():
+        sized.add_argument("--" + name.replace("_", "-"), type=int, dest="size_" + name, metavar="N", help=text)
+    duke = syn.add_argument_group("quirks of the distributed DukeV (fractions of the tracklets)")
+    duke.add_argument("--quirk-f0002", type=float, default=0.0, metavar="F",
+                      help="tracklets whose frame numbers start at F0002 instead of F0001")
+    duke.add_argument("--quirk-old-names", type=float, default=0.0, metavar="F",
+                      help="tracklets named the older way, 0001C6F0099X30823.jpg")
 
     def shard_options(p):
         p.add_argument("--out", required=True, help="output folder for shards + manifest.json")
@@ -74,14 +94,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _synthetic(args) -> int:
+    from prepare.synthetic import generate
+    from prepare.synthetic_sizes import OPTION_HELP, REAL, scaled
+
+    overrides = {f: getattr(args, "size_" + f) for f in OPTION_HELP if getattr(args, "size_" + f) is not None}
+    sizes = None
+    scale, test_scale = args.scale, args.test_scale
+    if args.real_sizes or scale is not None or test_scale is not None or overrides:
+        sizes = REAL[args.layout]
+        if scale is not None or test_scale is not None:
+            scale = 1.0 if scale is None else scale
+            sizes = scaled(args.layout, sizes, scale, scale if test_scale is None else test_scale)
+        sizes = type(sizes)(**{**sizes.as_dict(), **overrides})
+    try:
+        counts = generate(args.layout, args.out, args.ids, args.seed, args.min_len, args.max_len, sizes=sizes,
+                          workers=args.workers, quirk_f0002=args.quirk_f0002, quirk_old_names=args.quirk_old_names)
+    except KeyboardInterrupt:
+        print(f"prepare: interrupted; nothing was left in {args.out}", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a read-only folder: the partial output is already removed
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    if counts["up_to_date"]:
+        print(f"synthetic {args.layout}: {args.out} is up to date ({counts['frames']:,} frames, same options)")
+        return 0
+    print(f"synthetic {args.layout}: {counts['frames']:,} frames in {counts['seconds']:.1f} s "
+          f"({counts['frames_per_s']:,.0f} frames/s, {args.workers} workers), "
+          f"{counts['bytes'] / max(counts['frames'], 1) / 1e3:.1f} KB/frame, {counts['bytes'] / 1e6:,.1f} MB "
+          f"-> {args.out}")
+    return 0
+
+
 def _run(args) -> int:
     if args.command == "synthetic":
-        from prepare.synthetic import generate
-
-        counts = generate(args.layout, args.out, args.ids, args.seed, args.min_len, args.max_len)
-        print(f"synthetic {args.layout}: {counts['frames']:,} frames in {counts['seconds']:.1f} s "
-              f"({counts['frames_per_s']:,.0f} frames/s) -> {args.out}")
-        return 0
+        return _synthetic(args)
     if args.command in ("mars", "dukev"):
         from prepare.writer import prepare_dataset
 

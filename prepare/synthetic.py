@@ -1,115 +1,211 @@
 """Synthetic datasets written in the exact on-disk layouts of MARS and DukeMTMC-VideoReID (design §2).
 
-`python -m prepare synthetic --layout {mars,dukev} --out DIR --ids N --seed S [--min-len A --max-len B]`
+    python -m prepare synthetic --layout {mars,dukev} --out DIR --ids N --seed S [--min-len A --max-len B]
+    python -m prepare synthetic --layout mars --out DIR --real-sizes [--scale F --test-scale F] --workers 16
 
 The tree is what `prepare mars` / `prepare dukev` read for the real datasets, so tests and the demo exercise
-the real code paths. Every random choice comes from a generator seeded by (seed, what, which), so the same
-arguments give the same bytes. Among the tracklets there is always one of exactly `min_len` frames and one
-of exactly `max_len` frames, so the extremes are always exercised.
+the real code paths. The plan (`synthetic_plan.py`) fixes every tracklet first; workers then render
+identities in parallel, each tracklet from its own seed, so the bytes depend on the options and the seed,
+never on `--workers`. Among the tracklets of each split there is always one of exactly `min_len` frames and
+one of exactly `max_len` frames, so the extremes are always exercised. The output appears whole or not at
+all (`synthetic_output.py`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing as mp
 import os
+import signal
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from prepare.matfile import mat_bytes
 from prepare.render import TrackletRenderer, encode_jpeg, random_camera, random_identity
+from prepare.synthetic_output import PartialFolder, existing_result
+from prepare.synthetic_plan import (Plan, TrackPlan, add_dukev_quirks, frame_name, mars_name, plan_dukev_ids,
+                                    plan_dukev_sized, plan_mars_ids, plan_mars_sized, rng_for)
+from prepare.synthetic_sizes import SplitSizes, check
 
-MARS_CAMERAS, DUKEV_CAMERAS = 6, 8
-
-
-@dataclass
-class TrackPlan:
-    """One tracklet to render: who, where, how long; `name_of(i)` gives frame i's file name."""
-    pid: int  # identity in the file names (0 = distractor, -1 = junk on MARS)
-    person: int  # appearance seed: the identity, or a fresh one for each distractor/junk tracklet
-    camid: int
-    number: int  # tracklet number within the identity
-    length: int
-    size: tuple = (256, 128)
-    folders: list = field(default_factory=list)  # where the frames go (DukeV queries go twice)
+GENERATOR_VERSION = 1  # bump when the same options start giving other bytes: finished trees are then stale
+UNIT_FRAMES = 2000  # frames per work unit (an identity, or a slice of 0000 / 00-1): small enough to balance
+DISK_BYTES_PER_FILE = 8192  # a ~7 KB JPEG takes two 4 KiB blocks
 
 
-def _rng(seed: int, *what: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *what])
+def generate(layout: str, out: str | os.PathLike, num_ids: int | None = None, seed: int = 0,
+             min_len: int | None = None, max_len: int | None = None, *, sizes: SplitSizes | None = None,
+             workers: int = 1, quirk_f0002: float = 0.0, quirk_old_names: float = 0.0,
+             progress: bool = True) -> dict:
+    """Write a synthetic dataset tree into `out` (new or empty) and return its counts.
+
+    Either `num_ids` (small datasets, min/max length default 2/120) or exact `sizes` (min/max length from
+    the sizes unless given). `quirk_*`: fractions of DukeV tracklets that start at F0002 / use the older
+    `0001C6F0099X30823.jpg` names. Rerunning with the same options into a finished tree is a no-op.
+    """
+    plan, options = make_plan(layout, num_ids, seed, min_len, max_len, sizes, quirk_f0002, quirk_old_names)
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    out = Path(os.path.abspath(out))
+    done = existing_result(out, options)
+    if done is not None:
+        return {**done, "up_to_date": True, "seconds": 0.0, "frames_per_s": 0.0, "workers": workers}
+    _warn_if_no_room(out, plan)
+    with PartialFolder(out) as partial:
+        done = existing_result(out, options)  # another run may have finished it while we waited for the lock
+        if done is not None:
+            partial.discard()
+            return {**done, "up_to_date": True, "seconds": 0.0, "frames_per_s": 0.0, "workers": workers}
+        try:
+            start = time.perf_counter()
+            nbytes = _write_tree(partial, plan, seed, workers, progress)
+            counts = _counts(plan, nbytes)
+            partial.commit({"generator": "stenvan prepare synthetic", "options": options, "counts": counts})
+        except BaseException:
+            partial.discard()  # nothing half-written stays behind (Ctrl-C, full disk, a worker's error)
+            raise
+    seconds = time.perf_counter() - start
+    return {**counts, "up_to_date": False, "seconds": seconds, "frames_per_s": counts["frames"] / max(seconds, 1e-9),
+            "workers": workers}
 
 
-def _lengths(rng: np.random.Generator, count: int, min_len: int, max_len: int) -> list[int]:
-    # Log-uniform: many short tracklets and a long tail, like the real datasets.
-    return [int(round(np.exp(rng.uniform(np.log(min_len), np.log(max_len + 0.5))))) for _ in range(count)]
+def make_plan(layout: str, num_ids: int | None, seed: int, min_len: int | None, max_len: int | None,
+              sizes: SplitSizes | None, quirk_f0002: float = 0.0, quirk_old_names: float = 0.0) -> tuple[Plan, dict]:
+    """Validate the options and plan every tracklet; returns the plan and the options as recorded."""
+    if layout not in ("mars", "dukev"):
+        raise ValueError(f"--layout must be 'mars' or 'dukev', got {layout!r}")
+    for name, value in (("--quirk-f0002", quirk_f0002), ("--quirk-old-names", quirk_old_names)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} is a fraction of the tracklets, between 0 and 1; got {value}")
+        if value and layout != "dukev":
+            raise ValueError(f"{name} reproduces a quirk of the distributed DukeV; it needs --layout dukev")
+    shift = 1 if quirk_f0002 else 0
+    options = {"layout": layout, "seed": seed, "version": GENERATOR_VERSION}
+    if sizes is not None:
+        if num_ids is not None:
+            raise ValueError("--ids and split sizes exclude each other: give one or the other")
+        sizes = SplitSizes(**{**sizes.as_dict(), **({"min_len": min_len} if min_len is not None else {}),
+                              **({"max_len": max_len} if max_len is not None else {})})
+        check(layout, sizes, shift)
+        plan = (plan_mars_sized if layout == "mars" else plan_dukev_sized)(sizes, seed)
+        options["sizes"] = sizes.as_dict()
+    else:
+        num_ids = 60 if num_ids is None else num_ids
+        min_len, max_len = 2 if min_len is None else min_len, 120 if max_len is None else max_len
+        if num_ids < 4:
+            raise ValueError("--ids must be at least 4 (two train and two test identities)")
+        if not 1 <= min_len <= max_len:
+            raise ValueError(f"need 1 <= --min-len <= --max-len, got {min_len} and {max_len}")
+        if layout == "mars" and max_len > 999:
+            raise ValueError("--max-len: MARS frame numbers have 3 digits, so tracklets hold at most 999 frames")
+        if layout == "dukev" and max_len > 9999 - shift:
+            raise ValueError(f"--max-len: DukeV frame indices have 4 digits, so tracklets hold at most "
+                             f"{9999 - shift:,} frames here")
+        plan = (plan_mars_ids if layout == "mars" else plan_dukev_ids)(num_ids, seed, min_len, max_len)
+        options.update(num_ids=num_ids, min_len=min_len, max_len=max_len)
+    if layout == "dukev":
+        add_dukev_quirks(plan, seed, quirk_f0002, quirk_old_names)
+        options.update(quirk_f0002=quirk_f0002, quirk_old_names=quirk_old_names)
+    return plan, options
 
 
-def _camera_subsets(rng, num_cameras: int, multi: bool) -> list[int]:
-    k = int(rng.integers(2, min(4, num_cameras) + 1)) if multi else 1
-    return sorted(int(c) for c in rng.choice(np.arange(1, num_cameras + 1), size=k, replace=False))
-
-
-def _identity_tracks(rng, pid: int, cameras: list[int]) -> list[TrackPlan]:
-    """One or two tracklets per camera; lengths are drawn later for the whole split."""
-    tracks, number = [], 1
-    for cam in cameras:
-        for _ in range(int(rng.integers(1, 3))):
-            tracks.append(TrackPlan(pid=pid, person=pid, camid=cam, number=number, length=0))
-            number += 1
-    return tracks
-
-
-def _force_extremes(tracks: list[TrackPlan], min_len: int, max_len: int) -> None:
-    tracks[0].length = min_len
-    tracks[-1].length = max_len
+def _counts(plan: Plan, nbytes: int) -> dict:
+    counts = {"frames": plan.frames, "files": plan.files, "bytes": nbytes, "train_tracklets": len(plan.train)}
+    if plan.layout == "mars":
+        counts.update(test_tracklets=len(plan.test), queries=len(plan.queries))
+    else:
+        counts.update(gallery_tracklets=len(plan.test), queries=sum(len(t.folders) > 1 for t in plan.test))
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------------------
-# MARS
+# Writing
 # ----------------------------------------------------------------------------------------------------------
 
-def mars_name(pid: int, camid: int, number: int, frame: int) -> str:
-    folder = "00-1" if pid == -1 else f"{pid:04d}"
-    return f"{folder}C{camid}T{number:04d}F{frame:03d}.jpg"
+def _write_tree(partial: PartialFolder, plan: Plan, seed: int, workers: int, show: bool) -> int:
+    """Render every frame into the partial folder (in `workers` processes) and write the MARS info files;
+    returns the bytes of the distinct frames."""
+    root = str(partial.path)
+    jobs = [(root, seed, plan.layout, unit) for unit in _units(plan)]
+    bar = Progress(f"synthetic {plan.layout}", plan.frames, show)
+    nbytes = 0
+    try:
+        if workers == 1:
+            write_info(partial.path, plan)
+            for job in jobs:
+                frames, size = _render_unit(job)
+                nbytes += size
+                bar.update(frames)
+            return nbytes
+        with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_init_worker,
+                                         initargs=(partial.fd, os.getpid())) as pool:
+            results = pool.imap_unordered(_render_unit, jobs)  # the workers start now ...
+            write_info(partial.path, plan)  # ... while this process writes the name lists
+            for frames, size in results:
+                nbytes += size
+                bar.update(frames)
+        return nbytes
+    finally:
+        bar.close()
 
 
-def plan_mars(num_ids: int, seed: int, min_len: int, max_len: int):
-    """Train/test tracklets, and the test rows that are queries (one per camera of each multi-camera id)."""
-    rng = _rng(seed, 0)
-    num_train = num_ids // 2
-    train_pids = [2 * i + 1 for i in range(num_train)]  # MARS: train ids odd, test ids even
-    test_pids = [2 * i + 2 for i in range(num_ids - num_train)]
-    train = [t for pid in train_pids for t in _identity_tracks(rng, pid, _camera_subsets(rng, MARS_CAMERAS, True))]
-    test = []
-    for k, pid in enumerate(test_pids):
-        multi = k % 8 != 7  # a few single-camera ids: they get no query, like the real MARS
-        test += _identity_tracks(rng, pid, _camera_subsets(rng, MARS_CAMERAS, multi))
-    # Distractors (0000) are other people, junk (00-1) bad detections; each tracklet its own appearance.
-    for folder_pid, count in ((0, max(2, num_ids // 8)), (-1, max(2, num_ids // 10))):
-        for number in range(1, count + 1):
-            cam = int(rng.integers(1, MARS_CAMERAS + 1))
-            test.append(TrackPlan(pid=folder_pid, person=100000 + len(test), camid=cam, number=number, length=0))
-    for tracks in (train, test):
-        for t, n in zip(tracks, _lengths(rng, len(tracks), min_len, max_len)):
-            t.length = n
-        _force_extremes(tracks, min_len, max_len)
-    for t in train:
-        t.folders = [f"bbox_train/{t.pid:04d}"]
-    for t in test:
-        t.folders = [f"bbox_test/{'00-1' if t.pid == -1 else f'{t.pid:04d}'}"]
-    # Rows follow the name list: identity folders in ASCII order ('00-1' < '0000' < '0002'), then file names.
-    order = lambda t: (t.folders[0], mars_name(t.pid, t.camid, t.number, 1))  # noqa: E731
-    train.sort(key=order)
-    test.sort(key=order)
-    queries = []
-    by_pid: dict[int, dict[int, list[int]]] = {}
-    for row, t in enumerate(test, start=1):
-        if t.pid > 0:
-            by_pid.setdefault(t.pid, {}).setdefault(t.camid, []).append(row)
-    for pid in sorted(by_pid):
-        if len(by_pid[pid]) > 1:
-            queries += [int(rng.choice(rows)) for _, rows in sorted(by_pid[pid].items())]
-    return train, test, sorted(queries)
+def _units(plan: Plan) -> list[list[TrackPlan]]:
+    """Tracklets grouped by identity folder, cut at ~UNIT_FRAMES (never inside a tracklet), largest first so
+    that the long identities start early and the pool ends evenly. The order changes no byte."""
+    units, current, frames, key = [], [], 0, None
+    for t in plan.tracks:
+        k = (t.folders[0].split("/")[0], t.pid)
+        if current and (k != key or frames >= UNIT_FRAMES):
+            units.append(current)
+            current, frames = [], 0
+        current.append(t)
+        frames += t.length
+        key = k
+    if current:
+        units.append(current)
+    return sorted(units, key=lambda u: -sum(t.length for t in u))
+
+
+def _init_worker(lock_fd: int, parent: int) -> None:
+    # Only the parent holds the output lock; a worker dies with its parent (PR_SET_PDEATHSIG = 1), so a
+    # killed run leaves no process writing into the folder the next run clears; Ctrl-C is the parent's job.
+    os.close(lock_fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still ends the workers
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _render_unit(job) -> tuple[int, int]:
+    """Render and write one unit's tracklets; returns (frames, bytes)."""
+    root, seed, layout, tracks = job
+    cameras: dict[int, object] = {}
+    frames = nbytes = 0
+    for t in tracks:
+        if t.camid not in cameras:
+            cameras[t.camid] = random_camera(rng_for(seed, 1, t.camid))
+        person = random_identity(rng_for(seed, 2, t.person + 1000))
+        renderer = TrackletRenderer(person, cameras[t.camid], rng_for(seed, 4, t.ordinal), size=t.size)
+        folders = [os.path.join(root, f) for f in t.folders]
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+        for i in range(t.length):
+            data = encode_jpeg(renderer.frame(i))
+            name = frame_name(layout, t, i)
+            for folder in folders:
+                fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+            nbytes += len(data)
+        frames += t.length
+    return frames, nbytes
 
 
 def _track_table(tracks: list[TrackPlan]) -> np.ndarray:
@@ -121,120 +217,65 @@ def _track_table(tracks: list[TrackPlan]) -> np.ndarray:
     return np.array(rows, dtype=np.int32).reshape(-1, 4)
 
 
-def write_mars(out: Path, num_ids: int, seed: int, min_len: int, max_len: int, progress=None) -> dict:
-    if max_len > 999:
-        raise ValueError("--max-len: MARS frame numbers have 3 digits, so tracklets hold at most 999 frames")
-    train, test, queries = plan_mars(num_ids, seed, min_len, max_len)
-    frames = _render_all(out, train + test, seed, lambda t, f: mars_name(t.pid, t.camid, t.number, f), progress)
-    info = out / "info"
+def write_info(root: Path, plan: Plan) -> None:
+    """MARS's info/ folder: name lists (streamed, CRLF like the original) and the three .mat files."""
+    if plan.layout != "mars":
+        return
+    info = root / "info"
     info.mkdir(parents=True, exist_ok=True)
-    for fname, tracks in (("train_name.txt", train), ("test_name.txt", test)):
-        names = [mars_name(t.pid, t.camid, t.number, i + 1) for t in tracks for i in range(t.length)]
-        (info / fname).write_bytes("".join(n + "\r\n" for n in names).encode("ascii"))  # CRLF like the original
-    (info / "tracks_train_info.mat").write_bytes(mat_bytes("track_train_info", _track_table(train)))
-    (info / "tracks_test_info.mat").write_bytes(mat_bytes("track_test_info", _track_table(test)))
-    (info / "query_IDX.mat").write_bytes(mat_bytes("query_IDX", np.array([queries], dtype=np.uint16)))
-    return {"frames": frames, "train_tracklets": len(train), "test_tracklets": len(test), "queries": len(queries)}
+    for fname, tracks in (("train_name.txt", plan.train), ("test_name.txt", plan.test)):
+        with open(info / fname, "wb") as f:
+            for t in tracks:
+                f.write("".join(mars_name(t.pid, t.camid, t.number, i + 1) + "\r\n"
+                                for i in range(t.length)).encode("ascii"))
+    (info / "tracks_train_info.mat").write_bytes(mat_bytes("track_train_info", _track_table(plan.train)))
+    (info / "tracks_test_info.mat").write_bytes(mat_bytes("track_test_info", _track_table(plan.test)))
+    (info / "query_IDX.mat").write_bytes(mat_bytes("query_IDX", np.array([plan.queries], dtype=np.uint16)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# DukeMTMC-VideoReID
-# ----------------------------------------------------------------------------------------------------------
-
-def plan_dukev(num_ids: int, seed: int, min_len: int, max_len: int):
-    rng = _rng(seed, 0)
-    num_train = num_ids // 2
-    num_distractors = max(1, (num_ids - num_train) // 2)  # gallery-only identities (408 of 1,110 in DukeV)
-    pids = sorted(int(p) for p in rng.choice(np.arange(1, 10000), size=num_ids + num_distractors, replace=False))
-    order = rng.permutation(len(pids))
-    train_pids = sorted(pids[i] for i in order[:num_train])
-    test_pids = sorted(pids[i] for i in order[num_train:num_ids])
-    distractor_pids = sorted(pids[i] for i in order[num_ids:])
-    train = [t for pid in train_pids for t in _identity_tracks(rng, pid, _camera_subsets(rng, DUKEV_CAMERAS, True))]
-    gallery = []
-    for pid in test_pids + distractor_pids:
-        gallery += _identity_tracks(rng, pid, _camera_subsets(rng, DUKEV_CAMERAS, pid in test_pids))
-    for tracks in (train, gallery):
-        for t, n in zip(tracks, _lengths(rng, len(tracks), min_len, max_len)):
-            t.length = n
-            t.size = (int(rng.integers(150, 320)), 0)
-            t.size = (t.size[0], int(t.size[0] * rng.uniform(0.35, 0.5)))
-        _force_extremes(tracks, min_len, max_len)
-    for t in train:
-        t.folders = [f"train/{t.pid:04d}/{t.number:04d}"]
-    for t in gallery:
-        t.folders = [f"gallery/{t.pid:04d}/{t.number:04d}"]
-    # One query per test identity; the same tracklet folder stays in the gallery, as in DukeV.
-    for pid in test_pids:
-        mine = [t for t in gallery if t.pid == pid]
-        chosen = mine[int(rng.integers(len(mine)))]
-        chosen.folders.insert(0, f"query/{pid:04d}/{chosen.number:04d}")
-    return train, gallery
+def _warn_if_no_room(out: Path, plan: Plan) -> None:
+    """One line if the filesystem looks too small; a full disk mid-run is still caught (and cleaned up)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    need = plan.files * DISK_BYTES_PER_FILE
+    st = os.statvfs(probe)
+    free, inodes = st.f_bavail * st.f_frsize, st.f_favail
+    if free < need or (st.f_files and inodes < plan.files):
+        print(f"synthetic: warning: {probe} has {free / 1e9:.1f} GB and {inodes:,} inodes free; this dataset needs "
+              f"about {need / 1e9:.1f} GB and {plan.files:,} files", file=sys.stderr)
 
 
-def write_dukev(out: Path, num_ids: int, seed: int, min_len: int, max_len: int, progress=None) -> dict:
-    if max_len > 9999:
-        raise ValueError("--max-len: DukeV frame indices have 4 digits, so tracklets hold at most 9,999 frames")
-    train, gallery = plan_dukev(num_ids, seed, min_len, max_len)
-    starts = {id(t): int(_rng(seed, 3, i).integers(1, 90000)) for i, t in enumerate(train + gallery)}
+class Progress:
+    """A progress bar with frames/s on a terminal; elsewhere (a log file) a plain line every `every_s`."""
 
-    def name(t: TrackPlan, frame: int) -> str:  # frame is 1-based
-        return f"{t.pid:04d}_C{t.camid}_F{frame:04d}_X{starts[id(t)] + frame - 1}.jpg"
+    def __init__(self, desc: str, total: int, enabled: bool = True, every_s: float = 10.0):
+        self.desc, self.total, self.enabled, self.every_s = desc, total, enabled, every_s
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
 
-    frames = _render_all(out, train + gallery, seed, name, progress)
-    queries = sum(len(t.folders) > 1 for t in gallery)
-    return {"frames": frames, "train_tracklets": len(train), "gallery_tracklets": len(gallery), "queries": queries}
+            self.bar = tqdm(total=total, desc=desc, unit="frame", unit_scale=True, file=sys.stderr)
 
+    def update(self, frames: int) -> None:
+        self.done += frames
+        if self.bar is not None:
+            self.bar.update(frames)
+            return
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            print(self.line(now), file=sys.stderr, flush=True)
 
-# ----------------------------------------------------------------------------------------------------------
-# Rendering
-# ----------------------------------------------------------------------------------------------------------
+    def line(self, now: float) -> str:
+        rate = self.done / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / max(rate, 1e-9)
+        return (f"{self.desc}: {self.done:,}/{self.total:,} frames ({100 * self.done / max(self.total, 1):.0f}%), "
+                f"{rate:,.0f} frames/s, ~{left:.0f} s left")
 
-def _render_all(out: Path, tracks: list[TrackPlan], seed: int, name_fn, progress) -> int:
-    """Render and write every frame; `name_fn(track, frame_1_based)` gives the file name."""
-    cameras: dict[int, object] = {}
-    written = 0
-    for ordinal, t in enumerate(tracks):
-        if t.camid not in cameras:
-            cameras[t.camid] = random_camera(_rng(seed, 1, t.camid))
-        person = random_identity(_rng(seed, 2, t.person + 1000))
-        renderer = TrackletRenderer(person, cameras[t.camid], _rng(seed, 4, ordinal), size=t.size)
-        for folder in t.folders:
-            (out / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(t.length):
-            data = encode_jpeg(renderer.frame(i))
-            fname = name_fn(t, i + 1)
-            for folder in t.folders:
-                fd = os.open(out / folder / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    os.write(fd, data)
-                finally:
-                    os.close(fd)
-            written += 1
-        if progress:
-            progress(t.length)
-    return written
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
-
-def generate(layout: str, out: str | os.PathLike, num_ids: int, seed: int, min_len: int = 2,
-             max_len: int = 120) -> dict:
-    """Write a synthetic dataset tree; returns counts. Refuses a non-empty output folder."""
-    if layout not in ("mars", "dukev"):
-        raise ValueError(f"--layout must be 'mars' or 'dukev', got {layout!r}")
-    if num_ids < 4:
-        raise ValueError("--ids must be at least 4 (two train and two test identities)")
-    if not 1 <= min_len <= max_len:
-        raise ValueError(f"need 1 <= --min-len <= --max-len, got {min_len} and {max_len}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: not empty; synthetic data goes into a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
-
-    start = time.perf_counter()
-    with tqdm(desc=f"synthetic {layout}", unit="frame", disable=None) as bar:
-        writer = write_mars if layout == "mars" else write_dukev
-        counts = writer(out, num_ids, seed, min_len, max_len, progress=bar.update)
-    counts["seconds"] = time.perf_counter() - start
-    counts["frames_per_s"] = counts["frames"] / max(counts["seconds"], 1e-9)
-    return counts
