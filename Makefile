@@ -48,6 +48,7 @@ bench: $(STAMP)
 	test -f $(DEMO_SHARDS)/manifest.json || ( $(PY) -m prepare synthetic --layout mars --out $(DEMO_DATA) --ids 60 \
 		--seed 0 && $(PY) -m prepare mars --data-dir $(DEMO_DATA) --out $(DEMO_SHARDS) --workers 2 )
 	$(PY) -m benchmarks.prepare
+	$(PY) -m benchmarks.synthetic
 	$(PY) -m benchmarks.non_local
 	$(PY) -m benchmarks.loader --data $(DEMO_SHARDS) --raw $(DEMO_DATA)
 	$(PY) -m benchmarks.train_step --arch nvan

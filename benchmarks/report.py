@@ -21,6 +21,8 @@ COLUMNS = {
     "train_step": ["arch", "batch", "clips_per_s", "frames_per_s", "peak_mem_bytes", "achieved_tflops",
                    "ratio_to_original"],
     "eval": ["arch", "batch", "frames_per_s", "projected_mars_dense_s"],
+    "synthetic": ["layout", "workers", "frames", "frames_per_s", "frames_per_s_per_worker", "frames_per_cpu_s",
+                  "bytes_per_frame", "load_avg_1m_max", "projected_full_s"],
 }
 HEADER = """# Benchmark results
 
