@@ -32,31 +32,42 @@ def jpeg_size(data) -> tuple[int, int] | None:
     return None
 
 
-def normalize(clips: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> (x - 255·mean) / (255·std) in `dtype` (computed in float32, as DALI does)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=clips.device).view(3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=clips.device).view(3, 1, 1) * 255
-    return ((clips.float() - mean) / std).to(dtype)
+def normalize(pixels: torch.Tensor, dtype: torch.dtype, channel_dim: int = -3) -> torch.Tensor:
+    """uint8 pixels -> (x - 255·mean) / (255·std) in `dtype`, computed in float32 as DALI does; the colour
+    channels are at `channel_dim` (-3: (..., 3, H, W); -1: (..., H, W, 3)). Keeps the memory layout."""
+    shape = (3,) + (1,) * (-channel_dim - 1)
+    # Made on the CPU and sent without blocking: torch.tensor(..., device="cuda") would synchronise the host.
+    mean = (torch.tensor(IMAGENET_MEAN).view(shape) * 255).to(pixels.device, non_blocking=True)
+    std = (torch.tensor(IMAGENET_STD).view(shape) * 255).to(pixels.device, non_blocking=True)
+    return ((pixels.float() - mean) / std).to(dtype)
+
+
+def as_clips(frames: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W, 3) frames, contiguous -> (B, T, 3, H, W) clips, a view: no copy, and flattening it to
+    (B·T, 3, H, W) (what the model does first) gives a channels_last tensor, again without a copy."""
+    return frames.permute(0, 1, 4, 2, 3)
 
 
 def load_clip(table, store, spec, height: int, width: int) -> torch.Tensor:
-    """Decode, resize (only frames not already H×W), crop, erase and flip one clip: uint8 (T, 3, H, W)."""
+    """Decode, resize (only frames not already H×W), crop, erase and flip one clip: uint8 (T, 3, H, W), stored
+    (T, H, W, 3) (channels_last, as the loaders deliver it)."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2.functional import InterpolationMode, resize
 
     frames = []
-    for shard, offset, size in table.frame_locations(spec.tracklet, spec.frames):
-        data = torch.from_numpy(store.read(shard, offset, size).copy())
+    for location in table.frame_locations(spec.tracklet, spec.frames):
+        data = torch.from_numpy(store.read(*location).copy())
         img = decode_jpeg(data, mode=ImageReadMode.RGB)  # (3, h, w) uint8
         if tuple(img.shape[1:]) != (height, width):
             img = resize(img, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        frames.append(img)
-    clip = torch.stack(frames)  # (T, 3, H, W)
+        frames.append(img.permute(1, 2, 0))  # (H, W, 3) view
+    clip = torch.stack(frames).permute(0, 3, 1, 2)  # (T, 3, H, W) view of (T, H, W, 3) memory
     return augment_clip(clip, spec)
 
 
 def augment_clip(clip: torch.Tensor, spec) -> torch.Tensor:
-    """The clip-level augmentation of `spec` on a uint8 (T, 3, H, W) clip, identical for every frame."""
+    """The clip-level augmentation of `spec` on a uint8 (T, 3, H, W) clip, identical for every frame (the
+    result keeps the clip's memory layout: torch's elementwise ops, zeros_like, clone and flip preserve it)."""
     height, width = clip.shape[-2:]
     y, x = spec.crop
     if (y, x) != (0, 0):  # the H×W window at (y, x) of the frame padded with black
