@@ -49,8 +49,7 @@ def as_clips(frames: torch.Tensor) -> torch.Tensor:
 
 
 def load_clip(table, store, spec, height: int, width: int) -> torch.Tensor:
-    """Decode, resize (only frames not already H×W), crop, erase and flip one clip: uint8 (T, 3, H, W), stored
-    (T, H, W, 3) (channels_last, as the loaders deliver it)."""
+    """Decode, resize (only frames not already H×W), crop, erase and flip one clip: uint8 (T, 3, H, W)."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2.functional import InterpolationMode, resize
 
@@ -60,14 +59,13 @@ def load_clip(table, store, spec, height: int, width: int) -> torch.Tensor:
         img = decode_jpeg(data, mode=ImageReadMode.RGB)  # (3, h, w) uint8
         if tuple(img.shape[1:]) != (height, width):
             img = resize(img, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        frames.append(img.permute(1, 2, 0))  # (H, W, 3) view
-    clip = torch.stack(frames).permute(0, 3, 1, 2)  # (T, 3, H, W) view of (T, H, W, 3) memory
+        frames.append(img)
+    clip = torch.stack(frames)  # (T, 3, H, W)
     return augment_clip(clip, spec)
 
 
 def augment_clip(clip: torch.Tensor, spec) -> torch.Tensor:
-    """The clip-level augmentation of `spec` on a uint8 (T, 3, H, W) clip, identical for every frame (the
-    result keeps the clip's memory layout: torch's elementwise ops, zeros_like, clone and flip preserve it)."""
+    """The clip-level augmentation of `spec` on a uint8 (T, 3, H, W) clip, identical for every frame."""
     height, width = clip.shape[-2:]
     y, x = spec.crop
     if (y, x) != (0, 0):  # the H×W window at (y, x) of the frame padded with black

@@ -30,7 +30,7 @@ def extra_outputs(pad: bool, erase: bool) -> tuple[str, ...]:
 
 
 class _SourceBase:
-    """Common part of the callbacks: frame t of a ClipSpec -> the tuple of arrays the pipeline consumes."""
+    """Common part of the callbacks: frame t of a clip -> the tuple of arrays the pipeline consumes."""
 
     def __init__(self, table, clip_len: int, height: int, width: int, label_of: np.ndarray, pad: bool,
                  erase: bool):
@@ -40,36 +40,41 @@ class _SourceBase:
         self.pad, self.erase = pad, erase
         self.names = extra_outputs(pad, erase)
         self.parent_pid = os.getpid()  # the process that builds the pipeline and starts its workers
-        self._specs: dict = {}  # each of a clip's T frames asks for its ClipSpec: computed once per process
+        self._clips: dict = {}  # clip -> (frame locations, per-frame outputs), see _clip
 
     def __getstate__(self):  # a spawned worker starts with an empty memo
-        return {**self.__dict__, "_specs": {}}
+        return {**self.__dict__, "_clips": {}}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         # Unpickled in a spawned worker as it starts: die with the trainer (forked ones: see build_pipeline).
         die_with_parent(self.parent_pid)
 
-    def _spec(self, key, make):
-        spec = self._specs.get(key)
-        if spec is None:
-            if len(self._specs) > 4096:  # a few batches' worth; older clips are not asked for again
-                self._specs.clear()
-            spec = self._specs[key] = make()
-        return spec
+    def _clip(self, key, make_spec) -> tuple:
+        """(frame locations, the clip's per-frame outputs) of the clip `key`, made once per process: each of the
+        clip's T frames asks for them (DALI copies a sample's arrays, so its frames may share them)."""
+        clip = self._clips.get(key)
+        if clip is None:
+            if len(self._clips) > 4096:  # a few batches' worth; older clips are not asked for again
+                self._clips.clear()
+            spec = make_spec()
+            top, left, h, w = spec.erase
+            clip = self._clips[key] = (
+                self.table.frame_locations(spec.tracklet, spec.frames),
+                (np.array(spec.flip, dtype=np.int32),
+                 *((np.array(spec.crop, dtype=np.int32),) if self.pad else ()),
+                 *((np.array((top, left), dtype=np.float32), np.array((h, w), dtype=np.float32)) if self.erase
+                   else ()),
+                 np.array(self.label_of[spec.tracklet], dtype=np.int64),
+                 np.array(self.table.camids[spec.tracklet], dtype=np.int64),
+                 np.array(spec.tracklet, dtype=np.int64)))
+        return clip
 
-    def frame(self, spec, t: int) -> tuple:
-        data = self.store.read(*self.table.frame_locations(spec.tracklet, [spec.frames[t]])[0])
-        top, left, h, w = spec.erase
-        return (data,
-                np.array(jpeg_size(data) != (self.height, self.width)),
-                np.array(spec.flip, dtype=np.int32),
-                *((np.array(spec.crop, dtype=np.int32),) if self.pad else ()),
-                *((np.array((top, left), dtype=np.float32), np.array((h, w), dtype=np.float32)) if self.erase
-                  else ()),
-                np.array(self.label_of[spec.tracklet], dtype=np.int64),
-                np.array(self.table.camids[spec.tracklet], dtype=np.int64),
-                np.array(spec.tracklet, dtype=np.int64))
+    def frame(self, clip: tuple, t: int) -> tuple:
+        """Frame t of a clip from `_clip`: (encoded JPEG, needs_resize, the clip's outputs...)."""
+        locations, outputs = clip
+        data = self.store.read(*locations[t])
+        return (data, np.array(jpeg_size(data) != (self.height, self.width)), *outputs)
 
 
 class TrainSource(_SourceBase):
@@ -86,7 +91,7 @@ class TrainSource(_SourceBase):
         if step >= self.plan.steps_per_epoch:
             raise StopIteration
         clip, t = divmod(info.idx_in_batch, self.clip_len)
-        return self.frame(self._spec((epoch, step, clip), lambda: self.plan.sample(epoch, step, clip)), t)
+        return self.frame(self._clip((epoch, step, clip), lambda: self.plan.sample(epoch, step, clip)), t)
 
 
 class EvalSource(_SourceBase):
@@ -101,7 +106,8 @@ class EvalSource(_SourceBase):
         if info.iteration >= self.num_batches:
             raise StopIteration
         clip, t = divmod(info.idx_in_epoch, self.clip_len)
-        return self.frame(self.clips[min(clip, len(self.clips) - 1)], t)
+        clip = min(clip, len(self.clips) - 1)
+        return self.frame(self._clip(clip, lambda: self.clips[clip]), t)
 
 
 def build_pipeline(source, *, batch_size: int, height: int, width: int, device: torch.device, workers: int,

@@ -73,10 +73,10 @@ class _ClipDataset(torch.utils.data.Dataset):
             clip = load_clip(self.table, self.store, spec, self.height, self.width)  # (T, 3, H, W)
         except ShardFormatError as e:
             return _Failure(str(e))
-        clip = clip.permute(0, 2, 3, 1).contiguous()  # (T, H, W, 3): its memory order already, no copy
+        if self.dtype is not None:  # normalising (T, 3, H, W) and then copying is faster than normalising HWC
+            clip = normalize(clip, self.dtype)
         i = spec.tracklet
-        return ((clip if self.dtype is None else normalize(clip, self.dtype, channel_dim=-1)), i,
-                int(self.label_of[i]), int(self.table.camids[i]))
+        return clip.permute(0, 2, 3, 1).contiguous(), i, int(self.label_of[i]), int(self.table.camids[i])
 
     def __len__(self):  # indices are ClipSpecs from the batch sampler, not positions
         raise TypeError("_ClipDataset is indexed by ClipSpec through a batch sampler")
