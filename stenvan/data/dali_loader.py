@@ -40,10 +40,10 @@ class _SourceBase:
         self.pad, self.erase = pad, erase
         self.names = extra_outputs(pad, erase)
         self.parent_pid = os.getpid()  # the process that builds the pipeline and starts its workers
-        self._clips: dict = {}  # clip -> (frame locations, per-frame outputs), see _clip
+        self._memo: dict = {}  # clip -> (frame locations, per-frame outputs), see _clip
 
     def __getstate__(self):  # a spawned worker starts with an empty memo
-        return {**self.__dict__, "_clips": {}}
+        return {**self.__dict__, "_memo": {}}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -53,13 +53,13 @@ class _SourceBase:
     def _clip(self, key, make_spec) -> tuple:
         """(frame locations, the clip's per-frame outputs) of the clip `key`, made once per process: each of the
         clip's T frames asks for them (DALI copies a sample's arrays, so its frames may share them)."""
-        clip = self._clips.get(key)
+        clip = self._memo.get(key)
         if clip is None:
-            if len(self._clips) > 4096:  # a few batches' worth; older clips are not asked for again
-                self._clips.clear()
+            if len(self._memo) > 4096:  # a few batches' worth; older clips are not asked for again
+                self._memo.clear()
             spec = make_spec()
             top, left, h, w = spec.erase
-            clip = self._clips[key] = (
+            clip = self._memo[key] = (
                 self.table.frame_locations(spec.tracklet, spec.frames),
                 (np.array(spec.flip, dtype=np.int32),
                  *((np.array(spec.crop, dtype=np.int32),) if self.pad else ()),
