@@ -34,7 +34,8 @@ def eval_splits(manifest: dict) -> list[tuple[str, bool | None, bool]]:
 def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: str, clip_len: int, height: int,
                   width: int, device: torch.device, precision: str, loader: str = "dali", workers: int = 2,
                   batch_size: int = 32, progress: bool = True) -> tuple[np.ndarray, dict]:
-    """Post-BN features (num_tracklets, 2048) of a split in manifest order (dense: mean over a tracklet's clips)."""
+    """Post-BN features (num_tracklets, 2048) of a split in manifest order. Dense: the mean of a tracklet's clip
+    features weighted by the distinct frames each clip holds, so that every frame weighs the same."""
     from tqdm import tqdm
 
     from stenvan.data import build_eval_loader
@@ -43,7 +44,7 @@ def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: s
     entries = manifest["splits"][split]["tracklets"]
     model.eval()
     sums = torch.zeros(len(entries), 2048, device=device)
-    counts = torch.zeros(len(entries), device=device)
+    weights = torch.zeros(len(entries), device=device)  # per tracklet: the frames its clips hold
     seen = torch.zeros(len(entries), dtype=torch.bool)
     frames = 0
     start = time.perf_counter()
@@ -60,8 +61,9 @@ def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: s
                     raise RuntimeError(f"eval loader gave {key} (pid {pid}) for tracklet {i} = {entries[i]['key']}")
             with autocast:
                 feats = model(batch["clips"]).float()  # (N, 2048) post-BN features
-            sums.index_add_(0, index, feats)
-            counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float32))
+            w = batch["real_frames"].to(device=device, dtype=torch.float32)  # (N,) distinct frames per clip
+            sums.index_add_(0, index, feats * w[:, None])
+            weights.index_add_(0, index, w)
             newly = ~seen[batch["tracklet"]]
             seen[batch["tracklet"]] = True
             bar.update(int(newly.sum()))
@@ -71,7 +73,7 @@ def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: s
         raise RuntimeError(f"eval loader skipped tracklets of {split}, e.g. {missing}")
     seconds = time.perf_counter() - start
     stats = {"frames": frames, "seconds": seconds, "frames_per_s": frames / max(seconds, 1e-9)}
-    return (sums / counts[:, None]).cpu().numpy(), stats
+    return (sums / weights[:, None]).cpu().numpy(), stats
 
 
 def build_records(manifest: dict) -> tuple[Tracklets, list[tuple[str, int]]]:

@@ -59,12 +59,17 @@ def test_restricted_random_sampling_picks_each_chunk_uniformly():
 
 
 def test_dense_chunks_cover_every_frame_in_order():
-    assert dense_chunks(3, 4) == [[0, 1, 2, 2]]
+    assert dense_chunks(3, 4) == [[0, 0, 1, 1], [2, 2, 2, 2]]
     assert dense_chunks(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert dense_chunks(9, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 8, 8, 8]]
-    for n in range(1, 40):
-        flat = [f for c in dense_chunks(n, 8) for f in c]
-        assert flat[:n] == list(range(n)) and set(flat[n:]) <= {n - 1} and len(flat) == 8 * math.ceil(n / 8)
+    assert dense_chunks(11, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 8, 9, 9], [10, 10, 10, 10]]
+    for T in (4, 6, 8):
+        for n in range(1, 40):
+            clips = dense_chunks(n, T)
+            assert all(len(c) == T for c in clips)
+            assert [f for c in clips for f in dict.fromkeys(c)] == list(range(n))  # each frame once, in order
+            for c in clips:  # a clip = its distinct frames, each repeated equally, in place
+                assert all(c.count(f) == T // len(set(c)) for f in c) and c == sorted(c)
 
 
 def test_eval_clips_modes():
@@ -73,7 +78,7 @@ def test_eval_clips_modes():
     assert [c.tracklet for c in paper] == [0, 1, 2]
     assert paper[1].frames == tuple(first_of_chunk_indices(20, 8))
     dense = eval_clips(lengths, 8, "dense")
-    assert [c.tracklet for c in dense] == [0, 1, 1, 1, 2]
+    assert [c.tracklet for c in dense] == [0, 0, 1, 1, 1, 2]  # 3 = 2 + 1 frames, 20 = 8 + 8 + 4, 8
     with pytest.raises(ValueError, match="dense"):
         eval_clips(lengths, 8, "all")
 

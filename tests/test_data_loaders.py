@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from stenvan.data import build_eval_loader, build_train_loader
+from stenvan.data import build_eval_loader, build_train_loader, dense_chunks
 from stenvan.data.clips import IMAGENET_MEAN, IMAGENET_STD, augment_clip, normalize
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
@@ -145,7 +145,7 @@ def test_eval_loader_yields_every_tracklet_once_in_order(shards, backend):
     with build_eval_loader(shards / "dukev", "query", mode="dense", **common) as loader:  # variable frame sizes
         table = loader.table
         tracklets = torch.cat([b["tracklet"] for b in loader]).tolist()
-        assert tracklets == [i for i, n in enumerate(table.num_frames) for _ in range(math.ceil(n / 4))]
+        assert tracklets == [i for i, n in enumerate(table.num_frames) for _ in range(len(dense_chunks(n, 4)))]
 
 
 def test_eval_loader_backends_agree_on_resized_frames(shards):
@@ -165,11 +165,11 @@ def test_dali_workers_can_be_spawned(shards):
 
     with build_train_loader(shards / "mars", seed=2, batches_per_epoch=1, pad=2, **SMALL) as loader:
         forked = next(iter(loader.epoch(4)))
-        source = dali_loader.TrainSource(loader.table, loader.plan, 64, 32, first_epoch=4, first_step=0)
-    pipe = dali_loader.build_pipeline(source, batch_size=8, clip_len=4, height=64, width=32,
-                                      device=torch.device("cpu"), workers=1, half=False, start_method="spawn")
+        source = dali_loader.TrainSource(loader.table, loader.plan, 4, 64, 32, first_epoch=4, first_step=0)
+    pipe = dali_loader.build_pipeline(source, batch_size=8, height=64, width=32, device=torch.device("cpu"),
+                                      workers=1, half=False, start_method="spawn")
     try:
-        spawned = next(dali_loader.run_pipeline(pipe, torch.device("cpu"), torch.float32))
+        spawned = next(dali_loader.run_pipeline(pipe, source, torch.device("cpu"), torch.float32))
     finally:
         dali_loader.close_pipeline(pipe)
     assert torch.equal(spawned["clips"], forked["clips"]) and torch.equal(spawned["tracklet"], forked["tracklet"])

@@ -6,8 +6,8 @@ Imports DALI only when a DALI loader is built, so the torch backend works where 
 from stenvan.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from stenvan.data.sampling import (Augment, ClipSpec, IdentitySampler, TrainPlan, dense_chunks, eval_clips,
                                    first_of_chunk_indices, restricted_random_indices)
-from stenvan.data.table import FrameStore, Tracklet, TrackletTable
+from stenvan.data.table import FrameStore, ShardChangedError, Tracklet, TrackletTable
 
-__all__ = ["Augment", "ClipSpec", "EvalLoader", "FrameStore", "IdentitySampler", "TrainLoader", "TrainPlan",
-           "Tracklet", "TrackletTable", "build_eval_loader", "build_train_loader", "dense_chunks", "eval_clips",
-           "first_of_chunk_indices", "restricted_random_indices"]
+__all__ = ["Augment", "ClipSpec", "EvalLoader", "FrameStore", "IdentitySampler", "ShardChangedError",
+           "TrainLoader", "TrainPlan", "Tracklet", "TrackletTable", "build_eval_loader", "build_train_loader",
+           "dense_chunks", "eval_clips", "first_of_chunk_indices", "restricted_random_indices"]

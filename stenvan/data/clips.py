@@ -32,11 +32,20 @@ def jpeg_size(data) -> tuple[int, int] | None:
     return None
 
 
-def normalize(clips: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> (x - 255·mean) / (255·std) in `dtype` (computed in float32, as DALI does)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=clips.device).view(3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=clips.device).view(3, 1, 1) * 255
-    return ((clips.float() - mean) / std).to(dtype)
+def normalize(pixels: torch.Tensor, dtype: torch.dtype, channel_dim: int = -3) -> torch.Tensor:
+    """uint8 pixels -> (x - 255·mean) / (255·std) in `dtype`, computed in float32 as DALI does; the colour
+    channels are at `channel_dim` (-3: (..., 3, H, W); -1: (..., H, W, 3)). Keeps the memory layout."""
+    shape = (3,) + (1,) * (-channel_dim - 1)
+    # Made on the CPU and sent without blocking: torch.tensor(..., device="cuda") would synchronise the host.
+    mean = (torch.tensor(IMAGENET_MEAN).view(shape) * 255).to(pixels.device, non_blocking=True)
+    std = (torch.tensor(IMAGENET_STD).view(shape) * 255).to(pixels.device, non_blocking=True)
+    return ((pixels.float() - mean) / std).to(dtype)
+
+
+def as_clips(frames: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W, 3) frames, contiguous -> (B, T, 3, H, W) clips, a view: no copy, and flattening it to
+    (B·T, 3, H, W) (what the model does first) gives a channels_last tensor, again without a copy."""
+    return frames.permute(0, 1, 4, 2, 3)
 
 
 def load_clip(table, store, spec, height: int, width: int) -> torch.Tensor:
@@ -45,8 +54,8 @@ def load_clip(table, store, spec, height: int, width: int) -> torch.Tensor:
     from torchvision.transforms.v2.functional import InterpolationMode, resize
 
     frames = []
-    for shard, offset, size in table.frame_locations(spec.tracklet, spec.frames):
-        data = torch.from_numpy(store.read(shard, offset, size).copy())
+    for location in table.frame_locations(spec.tracklet, spec.frames):
+        data = torch.from_numpy(store.read(*location).copy())
         img = decode_jpeg(data, mode=ImageReadMode.RGB)  # (3, h, w) uint8
         if tuple(img.shape[1:]) != (height, width):
             img = resize(img, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)

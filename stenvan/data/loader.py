@@ -4,26 +4,34 @@
                                 device=torch.device("cuda"))
     for batch in loader.epoch(epoch, start_step=step):   # resumable at any step
         batch["clips"]   # (B, T, 3, H, W) normalised, `dtype`, on `device`; B = P·K / world_size
-        batch["labels"], batch["camids"], batch["tracklet"]   # (B,) int64 on `device`
+        batch["labels"], batch["camids"], batch["tracklet"]   # (B,) int64 on `device` (copied without blocking)
 
     for batch in build_eval_loader("shards/mars", "query", mode="paper", clip_len=8, height=256, width=128,
                                    batch_size=64, device=device):
         batch["clips"], batch["keys"], batch["pids"], batch["camids"], batch["tracklet"]   # metadata on the CPU
+        batch["real_frames"]   # (B,) distinct frames per clip: the clip's weight in its tracklet's mean feature
 
-Both backends execute the same `ClipSpec`s (stenvan.data.sampling), so for the same seed they load the same
-tracklets, frames and augmentation; only the decoder and the resize kernel differ.
+The clips are channels_last: stored (B, T, H, W, 3), so `clips.flatten(0, 1)` (what the model does first) is a
+(B·T, 3, H, W) channels_last tensor without a copy. Both backends execute the same `ClipSpec`s
+(stenvan.data.sampling), so for the same seed they load the same tracklets, frames and augmentation; only the
+decoder and the resize kernel differ. A shard truncated, overwritten, replaced or deleted under a running job ends
+the iteration with a `ShardChangedError` (a ShardFormatError) naming it; loader workers die with their process.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Iterator
 
 import torch
 
 from stenvan.data import dali_loader
-from stenvan.data.clips import load_clip, normalize
+from stenvan.data.clips import as_clips, load_clip, normalize
+from stenvan.data.lifeline import die_with_parent
 from stenvan.data.sampling import Augment, IdentitySampler, TrainPlan, eval_clips
-from stenvan.data.table import TrackletTable
+from stenvan.data.table import ShardChangedError, TrackletTable
+from stenvan.shards import ShardFormatError
 
 BACKENDS = ("dali", "torch")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,37 +50,65 @@ def _check(backend: str, dtype: torch.dtype, clip_len: int, height: int, width: 
 # Torch backend: a DataLoader whose batch sampler yields ClipSpecs computed in the main process
 # ----------------------------------------------------------------------------------------------------------
 
+class _Failure:
+    """A shard error travelling as data: raised in a worker it would reach us wrapped in its traceback text."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 class _ClipDataset(torch.utils.data.Dataset):
-    """dataset[spec] -> (clip (T, 3, H, W), tracklet index); frames read from this process's maps.
+    """dataset[spec] -> (clip (T, H, W, 3), tracklet, label, camid); frames read from this process's files.
 
     The clip is normalised to `dtype` here when the loader delivers to the CPU (the workers share the work);
     for a GPU it stays uint8 (4× less to copy) and the main process normalises it on the device.
     """
 
-    def __init__(self, table: TrackletTable, height: int, width: int, dtype: torch.dtype | None):
+    def __init__(self, table: TrackletTable, label_of, height: int, width: int, dtype: torch.dtype | None):
         self.table, self.store, self.height, self.width, self.dtype = table, table.store(), height, width, dtype
+        self.label_of = label_of  # per tracklet: train label, or pid for eval
 
     def __getitem__(self, spec):
-        clip = load_clip(self.table, self.store, spec, self.height, self.width)
-        return (clip if self.dtype is None else normalize(clip, self.dtype)), spec.tracklet
+        try:
+            clip = load_clip(self.table, self.store, spec, self.height, self.width)  # (T, 3, H, W)
+        except ShardFormatError as e:
+            return _Failure(str(e))
+        if self.dtype is not None:  # normalising (T, 3, H, W) and then copying is faster than normalising HWC
+            clip = normalize(clip, self.dtype)
+        i = spec.tracklet
+        return clip.permute(0, 2, 3, 1).contiguous(), i, int(self.label_of[i]), int(self.table.camids[i])
 
     def __len__(self):  # indices are ClipSpecs from the batch sampler, not positions
         raise TypeError("_ClipDataset is indexed by ClipSpec through a batch sampler")
 
 
-def _on_device(clips: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Clips from the workers (uint8 for a GPU, already normalised for the CPU) -> normalised on `device`."""
-    if clips.dtype != torch.uint8:
-        return clips
-    return normalize(clips.to(device, non_blocking=True), dtype)
-
-
 def _collate(items):
-    clips, tracklets = zip(*items)
-    return torch.stack(clips), torch.tensor(tracklets, dtype=torch.int64)
+    """-> (clips (B, T, H, W, 3), tracklets, labels, camids (B,) int64), or the first _Failure."""
+    failed = next((item for item in items if isinstance(item, _Failure)), None)
+    if failed is not None:
+        return failed
+    clips, tracklets, labels, camids = zip(*items)
+    return (torch.stack(clips), *(torch.tensor(v, dtype=torch.int64) for v in (tracklets, labels, camids)))
 
 
-def _worker_init(_):
+def _torch_batches(loader):
+    """The DataLoader's batches, with a shard error raised here as one clean ShardChangedError."""
+    for batch in loader:
+        if isinstance(batch, _Failure):
+            raise ShardChangedError(batch.message)
+        yield batch
+
+
+def _on_device(clips: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, H, W, 3) from the workers (uint8 for a GPU, already normalised for the CPU) -> (B, T, 3, H, W)
+    normalised on `device`, channels_last memory."""
+    if clips.dtype == torch.uint8:  # pinned by the DataLoader: the copy overlaps
+        clips = normalize(clips.to(device, non_blocking=True), dtype, channel_dim=-1)
+    return as_clips(clips)
+
+
+def _worker_init(_, parent_pid: int):
+    die_with_parent(parent_pid)  # a killed trainer takes its workers with it
     torch.set_num_threads(1)  # one decode per worker process; the parallelism is the workers
 
 
@@ -90,12 +126,20 @@ class SpecBatches:
         return self.count
 
 
-def _torch_dataloader(table, height, width, workers, device, dtype, batches: SpecBatches):
+def _torch_dataloader(table, label_of, height, width, workers, device, dtype, batches: SpecBatches):
+    # Pinned batches (where CUDA exists) let the clips and labels go to the device without blocking.
     return torch.utils.data.DataLoader(
-        _ClipDataset(table, height, width, dtype if device.type == "cpu" else None), batch_sampler=batches,
-        num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if workers else None, persistent_workers=workers > 0,
-        prefetch_factor=2 if workers else None)
+        _ClipDataset(table, label_of, height, width, dtype if device.type == "cpu" else None),
+        batch_sampler=batches, num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        worker_init_fn=functools.partial(_worker_init, parent_pid=os.getpid()) if workers else None,
+        persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor to `device` without blocking the host: from pinned memory where CUDA is the target."""
+    if device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,6 +160,7 @@ class TrainLoader:
         self.device, self.dtype, self.workers = device, dtype, workers
         self.clip_len, self.height, self.width = clip_len, height, width
         self._pipe, self._continues_at = None, None  # DALI: pipeline, and the (epoch, 0) it would run next
+        self._source = None  # DALI: the pipeline's source
         self._batches, self._torch = SpecBatches(), None
 
     @property
@@ -142,19 +187,25 @@ class TrainLoader:
         before CUDA is initialised (no-op for the torch backend)."""
         if self.backend == "dali" and (self._pipe is None or self._continues_at != (epoch, start_step)):
             self.close()
-            source = dali_loader.TrainSource(self.table, self.plan, self.height, self.width, epoch, start_step)
+            self._source = dali_loader.TrainSource(self.table, self.plan, self.clip_len, self.height, self.width,
+                                                   epoch, start_step)
             self._pipe = dali_loader.build_pipeline(
-                source, batch_size=self.batch_size, clip_len=self.clip_len, height=self.height, width=self.width,
-                device=self.device, workers=self.workers, half=self.dtype == torch.float16)
+                self._source, batch_size=self.batch_size, height=self.height, width=self.width, device=self.device,
+                workers=self.workers, half=self.dtype == torch.float16)
             self._continues_at = (epoch, start_step)
 
     def _dali(self, epoch: int, start_step: int) -> Iterator[dict]:
         self.prepare(epoch, start_step)
         self._continues_at = None
-        pipe = self._pipe
-        for batch in dali_loader.run_pipeline(pipe, self.device, self.dtype):
-            yield {"clips": batch["clips"], "labels": batch["labels"].to(self.device),
-                   "camids": batch["camids"].to(self.device), "tracklet": batch["tracklet"].to(self.device)}
+        pipe, device = self._pipe, self.device
+        try:
+            for batch in dali_loader.run_pipeline(pipe, self._source, device, self.dtype):
+                yield {"clips": batch["clips"], "labels": _to_device(batch["labels"], device),
+                       "camids": _to_device(batch["camids"], device),
+                       "tracklet": _to_device(batch["tracklet"], device)}
+        except ShardFormatError:
+            self.close()  # the pipeline's workers failed: a later request builds a fresh one
+            raise
         if pipe is self._pipe:
             self._continues_at = (epoch + 1, 0)
 
@@ -163,17 +214,16 @@ class TrainLoader:
         self._batches.batches = lambda: (plan.batch(epoch, s) for s in range(start_step, plan.steps_per_epoch))
         self._batches.count = plan.steps_per_epoch - start_step
         if self._torch is None:
-            self._torch = _torch_dataloader(self.table, self.height, self.width, self.workers, self.device,
-                                            self.dtype, self._batches)
-        labels, camids = torch.from_numpy(self.table.labels), torch.from_numpy(self.table.camids)
-        for clips, tracklets in self._torch:
-            yield {"clips": _on_device(clips, self.device, self.dtype),
-                   "labels": labels[tracklets].to(self.device), "camids": camids[tracklets].to(self.device),
-                   "tracklet": tracklets.to(self.device)}
+            self._torch = _torch_dataloader(self.table, self.table.labels, self.height, self.width, self.workers,
+                                            self.device, self.dtype, self._batches)
+        device = self.device
+        for clips, tracklets, labels, camids in _torch_batches(self._torch):
+            yield {"clips": _on_device(clips, device, self.dtype), "labels": _to_device(labels, device),
+                   "camids": _to_device(camids, device), "tracklet": _to_device(tracklets, device)}
 
     def close(self) -> None:
         dali_loader.close_pipeline(self._pipe)
-        self._pipe, self._continues_at = None, None
+        self._pipe, self._continues_at, self._source = None, None, None
         self._torch = None  # the DataLoader's persistent workers end with it
 
     def __enter__(self):
@@ -206,8 +256,10 @@ def build_train_loader(shard_dir, *, P: int, K: int, clip_len: int, height: int,
 class EvalLoader:
     """Every tracklet of a split, in manifest order; in `dense` mode a tracklet gives several clips in a row.
 
-    Each batch carries, per clip, the tracklet's key, pid, camera and index (`tracklet`) into `table.tracklets`;
-    the metadata comes out of the same pipeline as the pixels. The last batch may be smaller.
+    Each batch carries, per clip, the tracklet's key, pid, camera and index (`tracklet`) into `table.tracklets`
+    (the metadata comes out of the same pipeline as the pixels), and `real_frames`: how many distinct frames of
+    the tracklet the clip holds, the weight of its feature in the tracklet's mean (every frame then weighs the
+    same, see `sampling.dense_chunks`). The last batch may be smaller.
     """
 
     def __init__(self, table: TrackletTable, clips: list, *, batch_size: int, backend: str, device: torch.device,
@@ -215,44 +267,53 @@ class EvalLoader:
         self.table, self.clips, self.batch_size, self.backend = table, clips, batch_size, backend
         self.device, self.dtype, self.workers = device, dtype, workers
         self.clip_len, self.height, self.width = clip_len, height, width
-        self._pipe, self._pipe_ready = None, False
+        self.real_frames = torch.tensor([len(set(c.frames)) for c in clips], dtype=torch.int64)
+        self._pipe, self._source, self._pipe_ready = None, None, False
 
     def __len__(self) -> int:
         return -(-len(self.clips) // self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
-        keys = self.table.keys
-        if self.backend == "dali":
-            if not self._pipe_ready:
-                self.close()
-                source = dali_loader.EvalSource(self.table, self.clips, self.height, self.width, self.batch_size)
-                self._pipe = dali_loader.build_pipeline(
-                    source, batch_size=self.batch_size, clip_len=self.clip_len, height=self.height,
-                    width=self.width, device=self.device, workers=self.workers, half=self.dtype == torch.float16)
-            self._pipe_ready, pipe, left = False, self._pipe, len(self.clips)
-            for batch in dali_loader.run_pipeline(pipe, self.device, self.dtype):
+        keys, bs = self.table.keys, self.batch_size
+        for k, batch in enumerate(self._dali() if self.backend == "dali" else self._torch()):
+            tracklet = batch["tracklet"]
+            yield {**batch, "keys": [keys[i] for i in tracklet.tolist()],
+                   "real_frames": self.real_frames[k * bs:k * bs + len(tracklet)]}
+
+    def _dali(self) -> Iterator[dict]:
+        if not self._pipe_ready:
+            self.close()
+            self._source = dali_loader.EvalSource(self.table, self.clips, self.clip_len, self.height, self.width,
+                                                  self.batch_size)
+            self._pipe = dali_loader.build_pipeline(
+                self._source, batch_size=self.batch_size, height=self.height, width=self.width, device=self.device,
+                workers=self.workers, half=self.dtype == torch.float16)
+        self._pipe_ready, pipe, left = False, self._pipe, len(self.clips)
+        try:
+            for batch in dali_loader.run_pipeline(pipe, self._source, self.device, self.dtype):
                 n = min(left, self.batch_size)  # the last batch is padded with copies: drop them
                 left -= n
-                tracklet = batch["tracklet"][:n]
-                yield {"clips": batch["clips"][:n], "keys": [keys[i] for i in tracklet.tolist()],
-                       "pids": batch["labels"][:n], "camids": batch["camids"][:n], "tracklet": tracklet}
-            self._pipe_ready = pipe is self._pipe
-            return
+                yield {"clips": batch["clips"][:n], "pids": batch["labels"][:n], "camids": batch["camids"][:n],
+                       "tracklet": batch["tracklet"][:n]}
+        except ShardFormatError:
+            self.close()
+            raise
+        self._pipe_ready = pipe is self._pipe
+
+    def _torch(self) -> Iterator[dict]:
         batches = SpecBatches()
         specs, bs = self.clips, self.batch_size
         batches.batches = lambda: (specs[i:i + bs] for i in range(0, len(specs), bs))
         batches.count = len(self)
-        loader = _torch_dataloader(self.table, self.height, self.width, self.workers, self.device, self.dtype,
-                                   batches)
-        pids, camids = torch.from_numpy(self.table.pids), torch.from_numpy(self.table.camids)
-        for clips, tracklet in loader:
-            yield {"clips": _on_device(clips, self.device, self.dtype),
-                   "keys": [keys[i] for i in tracklet.tolist()], "pids": pids[tracklet], "camids": camids[tracklet],
+        loader = _torch_dataloader(self.table, self.table.pids, self.height, self.width, self.workers, self.device,
+                                   self.dtype, batches)
+        for clips, tracklet, pids, camids in _torch_batches(loader):
+            yield {"clips": _on_device(clips, self.device, self.dtype), "pids": pids, "camids": camids,
                    "tracklet": tracklet}
 
     def close(self) -> None:
         dali_loader.close_pipeline(self._pipe)
-        self._pipe, self._pipe_ready = None, False
+        self._pipe, self._source, self._pipe_ready = None, None, False
 
     def __enter__(self):
         return self
@@ -265,7 +326,8 @@ def build_eval_loader(shard_dir, split: str, *, mode: str = "paper", clip_len: i
                       batch_size: int, backend: str = "dali", device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32, workers: int = 2) -> EvalLoader:
     """Every tracklet of `split` ("train", "query" or "gallery") in order: `paper` = one clip of the first
-    frames of the T chunks; `dense` = all frames in chunks of T (last chunk padded with the last frame)."""
+    frames of the T chunks; `dense` = every frame once, in clips that weigh each frame the same
+    (`sampling.dense_chunks`)."""
     _check(backend, dtype, clip_len, height, width)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
