@@ -132,6 +132,24 @@ def evaluate_model(model, shard_dir: str, *, mode: str, clip_len: int, height: i
     return results
 
 
+def with_rerank(results: dict, features: np.ndarray, records: Tracklets, metric: str = "cosine",
+                k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> dict:
+    """`results` with a re-ranked entry after each protocol: {"official", "official_rerank", "standard", ...}.
+
+    k-reciprocal re-ranking (stenvan.evaluation.rerank) within each protocol's own gallery; the plain
+    results stay as they are, so the two are always reported side by side.
+    """
+    from stenvan.evaluation import evaluate_protocol
+    from stenvan.evaluation.rerank import rerank_distances
+
+    out = {}
+    for name, result in results.items():
+        out[name] = result
+        dist = rerank_distances(features, records, name, metric, k1=k1, k2=k2, lambda_value=lambda_value)
+        out[f"{name}_rerank"] = evaluate_protocol(dist, records, name)
+    return out
+
+
 def write_outputs(out_dir: str | os.PathLike, results: dict, features: np.ndarray, records: Tracklets,
                   origin: list[tuple[str, int]], shard_dir: str, metric: str, extra: dict, num_queries_shown: int = 6):
     """metrics.json, features.npz, cmc.png and ranked_list.png in `out_dir` (each written atomically)."""
