@@ -53,7 +53,7 @@ def distance_blocks(
     for start in range(0, q.shape[0], chunk_size):
         qc = q[start : start + chunk_size]  # (c, D)
         if metric == "cosine":
-            d = 1.0 - qc @ g.T  # (c, Ng)
+            d = (qc @ g.T).neg_().add_(1.0)  # (c, Ng): 1 − q·g in place (bitwise equal), one block in memory
         else:
             d = (qc.pow(2).sum(dim=1, keepdim=True) + g_sq - 2.0 * (qc @ g.T)).clamp_min_(0.0).sqrt_()
         yield start, d
