@@ -20,6 +20,8 @@ import io
 import sys
 from pathlib import Path
 
+SPLITS = ("train", "query", "gallery")  # stenvan.shards.SPLITS (not imported here: --help stays instant)
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -27,11 +29,11 @@ def main(argv=None) -> int:
     parser.add_argument("--original-arch", choices=("baseline", "nvan", "ste_nvan"),
                         help="the checkpoint is one released by the original STE-NVAN project, of this model")
     parser.add_argument("--tracklets", help="embed: a folder of tracklet folders, or a prepared shard folder")
-    parser.add_argument("--split", default="gallery", help="embed from shards: train, query or gallery")
+    parser.add_argument("--split", choices=SPLITS, default="gallery", help="embed from shards: the split")
     parser.add_argument("--query", help="search: query tracklets (folder of tracklet folders, or shards)")
     parser.add_argument("--gallery", help="search: gallery tracklets (folder of tracklet folders, or shards)")
-    parser.add_argument("--query-split", default="query", help="search from shards: the queries' split")
-    parser.add_argument("--gallery-split", default="gallery", help="search from shards: the gallery's split")
+    parser.add_argument("--query-split", choices=SPLITS, default="query", help="search from shards: the queries' split")
+    parser.add_argument("--gallery-split", choices=SPLITS, default="gallery", help="search from shards: the gallery's split")
     parser.add_argument("--top-k", type=int, default=10, help="search: gallery tracklets listed per query")
     parser.add_argument("--rerank", action="store_true", help="search: k-reciprocal re-ranking (k1 20, k2 6, λ 0.3)")
     parser.add_argument("--drop-junk", action="store_true",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class Embedded:
     num_frames: np.ndarray  # (N,) int64
     pids: np.ndarray | None = None  # (N,) int64: identity (0 distractor, -1 junk)
     camids: np.ndarray | None = None  # (N,) int64
-    thumbnail: object = None  # index -> (64, 32, 3) uint8 first frame, for pictures
+    thumbnail: Callable[[int], np.ndarray] | None = None  # index -> (64, 32, 3) uint8 first frame, for pictures
 
 
 def list_tracklets(root: str | os.PathLike) -> list[tuple[str, list[Path]]]:

@@ -79,7 +79,7 @@ def reranked_top_k(query_feats, gallery_feats, k: int, metric: str = "cosine", d
 
     n = len(query_feats) + len(gallery_feats)
     need = 12 * n * n
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = _available_memory()
     if need > free:
         raise MemoryError(f"re-ranking {n:,} tracklets needs about {need / 2**30:.1f} GiB of memory, "
                           f"{free / 2**30:.1f} GiB are free; search without --rerank or with a smaller gallery")
@@ -95,6 +95,18 @@ def reranked_top_k(query_feats, gallery_feats, k: int, metric: str = "cosine", d
     k = min(k, dist.shape[1])
     idx = np.argsort(dist, axis=1, kind="stable")[:, :k]
     return idx, np.take_along_axis(dist, idx, axis=1), np.take_along_axis(plain, idx, axis=1)
+
+
+def _available_memory() -> int:
+    """Bytes the kernel can give without swapping (MemAvailable counts reclaimable caches; free pages do not)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def match_status(query_pid: int, query_camid: int, pids, camids) -> list[str]:
