@@ -21,6 +21,8 @@ COLUMNS = {
     "train_step": ["arch", "batch", "clips_per_s", "frames_per_s", "peak_mem_bytes", "achieved_tflops",
                    "ratio_to_original"],
     "eval": ["arch", "batch", "frames_per_s", "projected_mars_dense_s"],
+    "rerank": ["nodes", "seconds", "peak_mem_mib", "plain_map", "rerank_map"],
+    "search": ["gallery", "queries", "seconds", "queries_per_s", "features_mib", "peak_extra_mib"],
 }
 HEADER = """# Benchmark results
 
