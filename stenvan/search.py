@@ -2,10 +2,10 @@
 
     idx, dist = top_k(query_feats, gallery_feats, k=10, metric="cosine", device=torch.device("cuda"))
 
-Memory: the gallery features live on the device once (N_g × 2048 × 4 B: 0.82 GB for 100,000 tracklets) and
+Memory: the gallery features live on the device once (N_g × 2048 × 4 B: 781 MiB for 100,000 tracklets) and
 the distances of one chunk of queries at a time (`max_block_floats` = 2^26 floats = 256 MiB by default); only
 the k best of each row leave the device. The whole query × gallery matrix is never built, so the gallery size
-is bounded by the device's memory for its features, not by N_q × N_g. Re-ranking (`rerank=True`) needs the
+is bounded by the device's memory for its features, not by N_q × N_g. Re-ranking (`reranked_top_k`) needs the
 full (N_q + N_g)² matrix on the host instead (stenvan.evaluation.rerank): for small galleries only.
 Ties (equal distances) keep gallery order, as eval's stable ranking does.
 """
