@@ -39,9 +39,12 @@ demo: $(STAMP)
 	$(PY) train.py --config configs/demo.yaml --data $(DEMO_SHARDS) --out $(DEMO_RUN)
 	$(PY) eval.py --checkpoint $(DEMO_RUN)/last.pt --data $(DEMO_SHARDS) --untrained \
 		--out $(DEMO_RUN)/eval-untrained --summary $(DEMO_RUN)/metrics.json --label untrained
-	$(PY) eval.py --checkpoint $(DEMO_RUN)/last.pt --data $(DEMO_SHARDS) \
+	$(PY) eval.py --checkpoint $(DEMO_RUN)/last.pt --data $(DEMO_SHARDS) --rerank \
 		--out $(DEMO_RUN)/eval-trained --summary $(DEMO_RUN)/metrics.json --label trained
-	@echo "trained vs untrained (same model at its initial weights): $(DEMO_RUN)/metrics.json"
+	@echo "trained vs untrained (same model at its initial weights), plain and re-ranked: $(DEMO_RUN)/metrics.json"
+# one search on the synthetic test set: each query's top 10 in the gallery (same-camera copies left out)
+	$(PY) embed.py --checkpoint $(DEMO_RUN)/last.pt --query $(DEMO_SHARDS) --gallery $(DEMO_SHARDS) --drop-junk \
+		--top-k 10 --pictures 1 --out $(DEMO_RUN)/search
 
 # Every benchmark on this machine (GPU variants where CUDA is present), then benchmarks/RESULTS.md.
 bench: $(STAMP)

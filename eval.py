@@ -3,13 +3,16 @@
     python eval.py --checkpoint runs/ste_mars/last.pt --data shards/mars [--mode paper|dense] [--out DIR]
     python eval.py --checkpoint STE_NVAN.pth --original-arch ste_nvan --data shards/mars   # released models
     python eval.py --checkpoint runs/demo/last.pt --data shards/mars --untrained            # same model, initial weights
+    python eval.py --checkpoint runs/ste_mars/last.pt --data shards/mars --rerank   # + k-reciprocal re-ranked results
 
 Writes metrics.json, features.npz, cmc.png and ranked_list.png to --out (default: <checkpoint dir>/eval-<mode>,
-with -untrained appended for --untrained).
+with -untrained appended for --untrained). --rerank adds `official_rerank`, `standard_rerank` and
+`torchreid_rerank` (k-reciprocal re-ranking, Zhong et al. 2017) next to the plain results, never in their place.
 """
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 
@@ -31,14 +34,23 @@ def main(argv=None) -> int:
     parser.add_argument("--clip-len", type=int, help="frames per clip (default: the checkpoint's; 8 for originals)")
     parser.add_argument("--height", type=int, help="input height (default: the checkpoint's; 256 for originals)")
     parser.add_argument("--width", type=int, help="input width (default: the checkpoint's; 128 for originals)")
+    parser.add_argument("--rerank", action="store_true",
+                        help="also report k-reciprocal re-ranked results (<protocol>_rerank) beside the plain ones")
+    parser.add_argument("--rerank-k1", type=int, default=20, help="re-ranking: k1 (k-reciprocal neighbours)")
+    parser.add_argument("--rerank-k2", type=int, default=6, help="re-ranking: k2 (local query expansion)")
+    parser.add_argument("--rerank-lambda", type=float, default=0.3, help="re-ranking: weight of the original distance")
     parser.add_argument("--summary", help="also merge the metrics into this JSON file under --label")
     parser.add_argument("--label", default="eval", help="key of this evaluation in --summary (e.g. trained)")
     args = parser.parse_args(argv)
+    if args.rerank and (args.rerank_k1 < 1 or args.rerank_k2 < 1 or not 0 <= args.rerank_lambda <= 1):
+        print(f"eval: error: --rerank needs k1 >= 1, k2 >= 1 and 0 <= lambda <= 1 (got {args.rerank_k1}, "
+              f"{args.rerank_k2}, {args.rerank_lambda})", file=sys.stderr)
+        return 2
 
     from stenvan.amp import resolve_precision
     from stenvan.checkpoint import CheckpointError
     from stenvan.distributed import DeviceError, describe
-    from stenvan.evaluate import evaluate_model, load_model_for_eval, write_outputs
+    from stenvan.evaluate import evaluate_model, load_model_for_eval, with_rerank, write_outputs
     from stenvan.evaluation import format_table
     from stenvan.shards import ShardFormatError
 
@@ -54,6 +66,12 @@ def main(argv=None) -> int:
             model, args.data, mode=args.mode, clip_len=settings["clip_len"], height=settings["height"],
             width=settings["width"], device=device, precision=precision, loader=args.loader, workers=args.workers,
             batch_size=args.batch_size, metric=args.metric, return_features=True)
+        if args.rerank:
+            start = time.perf_counter()
+            results = with_rerank(results, features, records, args.metric, k1=args.rerank_k1, k2=args.rerank_k2,
+                                  lambda_value=args.rerank_lambda)
+            rerank = {"k1": args.rerank_k1, "k2": args.rerank_k2, "lambda": args.rerank_lambda,
+                      "seconds": time.perf_counter() - start}
     except (CheckpointError, ShardFormatError, DeviceError, ValueError, ImportError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2
@@ -62,6 +80,8 @@ def main(argv=None) -> int:
     extra = {"checkpoint": str(args.checkpoint), "model": settings["source"], "arch": settings["arch"],
              "mode": args.mode, "metric": args.metric, "data": str(args.data), "feature_frames_per_s":
              stats["frames_per_s"]}
+    if args.rerank:
+        extra["rerank_params"] = rerank
     metrics = write_outputs(out, results, features, records, origin, args.data, args.metric, extra)
     if args.summary:
         merge_summary(args.summary, args.label, metrics)

@@ -16,6 +16,7 @@ setup(
         # DALI must match the CUDA major version torch was built with (`make install` picks one).
         "cu12": ["nvidia-dali-cuda120"],
         "cu13": ["nvidia-dali-cuda130"],
-        "test": ["pytest"],
+        # onnx + onnxscript: torch.onnx's exporter (export.py); onnxruntime: the tests run the exported graphs
+        "test": ["pytest", "onnx", "onnxscript", "onnxruntime"],
     },
 )

@@ -23,6 +23,8 @@ COLUMNS = {
     "eval": ["arch", "batch", "frames_per_s", "projected_mars_dense_s"],
     "synthetic": ["layout", "workers", "frames", "frames_per_s", "frames_per_s_per_worker", "frames_per_cpu_s",
                   "bytes_per_frame", "load_avg_1m_max", "projected_full_s"],
+    "rerank": ["nodes", "seconds", "peak_mem_mib", "plain_map", "rerank_map"],
+    "search": ["gallery", "queries", "seconds", "queries_per_s", "features_mib", "peak_extra_mib"],
 }
 HEADER = """# Benchmark results
 

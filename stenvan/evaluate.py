@@ -42,38 +42,61 @@ def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: s
 
     manifest = load_manifest(shard_dir)
     entries = manifest["splits"][split]["tracklets"]
-    model.eval()
-    sums = torch.zeros(len(entries), 2048, device=device)
-    weights = torch.zeros(len(entries), device=device)  # per tracklet: the frames its clips hold
-    seen = torch.zeros(len(entries), dtype=torch.bool)
-    frames = 0
-    start = time.perf_counter()
-    autocast = amp_autocast(device, precision)
     batches = build_eval_loader(shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
                                 batch_size=batch_size, backend=loader, device=device, dtype=torch.float32,
                                 workers=workers)
-    with batches, tqdm(total=len(entries), desc=f"features {split}", unit="tracklet",
-                       disable=None if progress else True) as bar:
-        for batch in batches:
-            index = batch["tracklet"].to(device)
+
+    def checked(stream):
+        for batch in stream:
             for i, key, pid in zip(batch["tracklet"].tolist(), batch["keys"], batch["pids"].tolist()):
                 if entries[i]["key"] != key or entries[i]["pid"] != pid:  # never misattribute a feature
                     raise RuntimeError(f"eval loader gave {key} (pid {pid}) for tracklet {i} = {entries[i]['key']}")
-            with autocast:
-                feats = model(batch["clips"]).float()  # (N, 2048) post-BN features
-            w = batch["real_frames"].to(device=device, dtype=torch.float32)  # (N,) distinct frames per clip
-            sums.index_add_(0, index, feats * w[:, None])
-            weights.index_add_(0, index, w)
-            newly = ~seen[batch["tracklet"]]
-            seen[batch["tracklet"]] = True
-            bar.update(int(newly.sum()))
-            frames += batch["clips"].shape[0] * batch["clips"].shape[1]
-    if not seen.all():
-        missing = [entries[i]["key"] for i in torch.nonzero(~seen).flatten().tolist()[:5]]
+            yield batch
+
+    with batches, tqdm(total=len(entries), desc=f"features {split}", unit="tracklet",
+                       disable=None if progress else True) as bar:
+        features, stats = features_per_tracklet(model, checked(batches), len(entries), device=device,
+                                                precision=precision, bar=bar)
+    if stats["missing"]:
+        missing = [entries[i]["key"] for i in stats["missing"][:5]]
         raise RuntimeError(f"eval loader skipped tracklets of {split}, e.g. {missing}")
+    return features, {k: stats[k] for k in ("frames", "seconds", "frames_per_s")}
+
+
+@torch.no_grad()
+def features_per_tracklet(model: torch.nn.Module, batches, num_tracklets: int, *, device: torch.device,
+                          precision: str, bar=None) -> tuple[np.ndarray, dict]:
+    """Post-BN features (num_tracklets, 2048): each tracklet's clip features averaged (one clip in paper mode).
+
+    `batches` yield {"clips": (B, T, 3, H, W) on `device`, "tracklet": (B,) int64 index of each clip's tracklet,
+    "real_frames": (B,) distinct frames each clip holds}: a clip's weight, so that every real frame of a tracklet
+    counts the same in dense mode (see stenvan.data.sampling.dense_chunks). The one place where clip features
+    become tracklet features, for eval (extract_split) and stenvan.embed alike.
+    Returns (features, stats) with stats["missing"] = indices of tracklets that got no clip.
+    """
+    model.eval()
+    sums = torch.zeros(num_tracklets, 2048, device=device)
+    weights = torch.zeros(num_tracklets, device=device)  # per tracklet: the distinct frames its clips hold
+    seen = torch.zeros(num_tracklets, dtype=torch.bool)
+    frames = 0
+    start = time.perf_counter()
+    autocast = amp_autocast(device, precision)
+    for batch in batches:
+        index = batch["tracklet"].to(device)
+        with autocast:
+            feats = model(batch["clips"]).float()  # (N, 2048) post-BN features
+        w = batch["real_frames"].to(device=device, dtype=torch.float32)  # (N,)
+        sums.index_add_(0, index, feats * w[:, None])
+        weights.index_add_(0, index, w)
+        newly = ~seen[batch["tracklet"]]
+        seen[batch["tracklet"]] = True
+        if bar is not None:
+            bar.update(int(newly.sum()))
+        frames += batch["clips"].shape[0] * batch["clips"].shape[1]
     seconds = time.perf_counter() - start
-    stats = {"frames": frames, "seconds": seconds, "frames_per_s": frames / max(seconds, 1e-9)}
-    return (sums / weights[:, None]).cpu().numpy(), stats
+    stats = {"frames": frames, "seconds": seconds, "frames_per_s": frames / max(seconds, 1e-9),
+             "missing": torch.nonzero(~seen).flatten().tolist()}
+    return (sums / weights.clamp_min(1)[:, None]).cpu().numpy(), stats
 
 
 def build_records(manifest: dict) -> tuple[Tracklets, list[tuple[str, int]]]:
@@ -111,6 +134,24 @@ def evaluate_model(model, shard_dir: str, *, mode: str, clip_len: int, height: i
     if return_features:
         return results, features, records, origin, stats
     return results
+
+
+def with_rerank(results: dict, features: np.ndarray, records: Tracklets, metric: str = "cosine",
+                k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> dict:
+    """`results` with a re-ranked entry after each protocol: {"official", "official_rerank", "standard", ...}.
+
+    k-reciprocal re-ranking (stenvan.evaluation.rerank) within each protocol's own gallery; the plain
+    results stay as they are, so the two are always reported side by side.
+    """
+    from stenvan.evaluation import evaluate_protocol
+    from stenvan.evaluation.rerank import rerank_distances
+
+    out = {}
+    for name, result in results.items():
+        out[name] = result
+        dist = rerank_distances(features, records, name, metric, k1=k1, k2=k2, lambda_value=lambda_value)
+        out[f"{name}_rerank"] = evaluate_protocol(dist, records, name)
+    return out
 
 
 def write_outputs(out_dir: str | os.PathLike, results: dict, features: np.ndarray, records: Tracklets,

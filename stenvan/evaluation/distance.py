@@ -3,10 +3,11 @@
 Why numpy on the host: the protocols (protocols.py) rank with numpy, and even an all-by-all MARS matrix
 (12,180² × 4 B = 593 MB) fits in host memory, whereas keeping it on a GPU beside a model would not be free.
 Each chunk of queries is computed on the features' device (CPU or CUDA) and copied back as soon as it is
-done, so device memory holds one chunk (chunk_size × #gallery floats) at a time.
+done, so device memory holds one chunk (chunk_size × #gallery floats) at a time. `distance_blocks` yields
+the chunks on the device for callers that reduce them there (stenvan.search keeps only each row's top k).
 """
 
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -16,13 +17,14 @@ Metric = Literal["cosine", "euclidean"]
 METRICS = ("cosine", "euclidean")
 
 
-def pairwise_distance(
+@torch.no_grad()  # on a generator, torch sets the grad mode only while the generator runs (not between yields)
+def distance_blocks(
     query_feats: torch.Tensor | np.ndarray,
     gallery_feats: torch.Tensor | np.ndarray,
     metric: Metric = "cosine",
     chunk_size: int = 1024,
-) -> np.ndarray:
-    """Distances (num_query, num_gallery) as a float32 numpy array; smaller = more similar.
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first query row, distances (c, num_gallery) float32 on the query's device) per chunk of c queries.
 
     cosine:    1 − cos(q, g), computed on L2-normalised features (range [0, 2]).
     euclidean: ‖q − g‖₂ (not squared; the ranking is the same either way).
@@ -48,13 +50,23 @@ def pairwise_distance(
         q, g = q - centre, g - centre
         g_sq = g.pow(2).sum(dim=1)  # (Ng,)
 
-    out = np.empty((q.shape[0], g.shape[0]), dtype=np.float32)
-    with torch.no_grad():
-        for start in range(0, q.shape[0], chunk_size):
-            qc = q[start : start + chunk_size]  # (c, D)
-            if metric == "cosine":
-                d = 1.0 - qc @ g.T  # (c, Ng)
-            else:
-                d = (qc.pow(2).sum(dim=1, keepdim=True) + g_sq - 2.0 * (qc @ g.T)).clamp_min_(0.0).sqrt_()
-            out[start : start + qc.shape[0]] = d.cpu().numpy()  # device → host, one chunk at a time
+    for start in range(0, q.shape[0], chunk_size):
+        qc = q[start : start + chunk_size]  # (c, D)
+        if metric == "cosine":
+            d = (qc @ g.T).neg_().add_(1.0)  # (c, Ng): 1 − q·g in place (bitwise equal), one block in memory
+        else:
+            d = (qc.pow(2).sum(dim=1, keepdim=True) + g_sq - 2.0 * (qc @ g.T)).clamp_min_(0.0).sqrt_()
+        yield start, d
+
+
+def pairwise_distance(
+    query_feats: torch.Tensor | np.ndarray,
+    gallery_feats: torch.Tensor | np.ndarray,
+    metric: Metric = "cosine",
+    chunk_size: int = 1024,
+) -> np.ndarray:
+    """Distances (num_query, num_gallery) as a float32 numpy array; smaller = more similar (see distance_blocks)."""
+    out = np.empty((len(query_feats), len(gallery_feats)), dtype=np.float32)
+    for start, d in distance_blocks(query_feats, gallery_feats, metric, chunk_size):  # validates the inputs
+        out[start : start + d.shape[0]] = d.cpu().numpy()  # device → host, one chunk at a time
     return out

@@ -16,7 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-STATUS_COLOURS = {"correct": (0, 170, 0), "wrong": (220, 0, 0), "junk": (140, 140, 140)}  # RGB frames
+# RGB frames; "unlabelled": a search among tracklets without identities (white, i.e. no visible frame)
+STATUS_COLOURS = {"correct": (0, 170, 0), "wrong": (220, 0, 0), "junk": (140, 140, 140), "unlabelled": (255, 255, 255)}
 QUERY_COLOUR = (30, 90, 220)
 
 
@@ -73,10 +74,12 @@ def plot_ranked_list(
     statuses: Sequence[Sequence[str]],
     path: str | os.PathLike,
     query_titles: Sequence[str] | None = None,
+    ranked_titles: Sequence[Sequence[str]] | None = None,
 ) -> Path:
     """A grid: one row per query (blue frame), then its ranked gallery thumbnails framed by status.
 
-    statuses[i][j] ∈ {"correct", "wrong", "junk"} for ranked_thumbs[i][j] (green / red / grey).
+    statuses[i][j] ∈ {"correct", "wrong", "junk", "unlabelled"} for ranked_thumbs[i][j] (green / red / grey /
+    white). ranked_titles[i][j] replaces the rank above a thumbnail (e.g. rank and distance).
     Rows may have different lengths; thumbnails may have different sizes.
     """
     if not (len(query_thumbs) == len(ranked_thumbs) == len(statuses)) or len(query_thumbs) == 0:
@@ -96,7 +99,8 @@ def plot_ranked_list(
         axes[i, 0].set_title(query_titles[i] if query_titles else "query", fontsize=7)
         for j, (thumb, status) in enumerate(zip(ranked_thumbs[i], statuses[i]), start=1):
             axes[i, j].imshow(_framed(thumb, STATUS_COLOURS[status]))
-            axes[i, j].set_title(str(j), fontsize=7)  # the rank, 1-based
+            title = ranked_titles[i][j - 1] if ranked_titles else str(j)  # default: the rank, 1-based
+            axes[i, j].set_title(title, fontsize=7)
     for ax in axes.flat:
         ax.set_axis_off()  # also blanks the cells of shorter rows
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.08, hspace=0.15)

@@ -202,10 +202,12 @@ def scalar_metrics(results: dict[str, dict]) -> dict[str, dict]:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    """One row per protocol, percentages with two decimals, e.g. for the end of eval.py."""
-    header = f"{'protocol':<10}" + "".join(f"{f'rank-{k}':>9}" for k in RANKS) + f"{'mAP':>9}{'#queries':>10}{'#gallery':>10}"
+    """One row per protocol (or re-ranked protocol), percentages with two decimals, e.g. for the end of eval.py."""
+    width = max([10] + [len(name) + 1 for name in results])  # "torchreid_rerank" is longer than "protocol"
+    header = f"{'protocol':<{width}}" + "".join(f"{f'rank-{k}':>9}" for k in RANKS) + \
+        f"{'mAP':>9}{'#queries':>10}{'#gallery':>10}"
     lines = [header]
     for name, r in results.items():
         cells = "".join(f"{100 * r[f'rank{k}']:>9.2f}" for k in RANKS)
-        lines.append(f"{name:<10}{cells}{100 * r['mAP']:>9.2f}{r['num_queries']:>10d}{r['num_gallery']:>10d}")
+        lines.append(f"{name:<{width}}{cells}{100 * r['mAP']:>9.2f}{r['num_queries']:>10d}{r['num_gallery']:>10d}")
     return "\n".join(lines)
