@@ -97,8 +97,7 @@ class Trainer:
         self.progress = Progress(**checkpoint[1]["progress"]) if checkpoint else Progress()
         self.loader.prepare(self.progress.epoch, self.progress.step_in_epoch)  # DALI workers fork here
         distributed.join(self.world, store)  # now CUDA and the process group
-        if self.world.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv kernels once
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once (the original too)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and for `eval.py --untrained`
         # A resumed run takes every weight from the checkpoint: no ImageNet download (offline resume works).
         model = build_model_from_config(cfg, self.num_classes, pretrained=checkpoint is None)
