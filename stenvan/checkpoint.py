@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import os
 import re
 import sys
@@ -102,12 +101,11 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def read_checkpoint_and_digest(path: str | os.PathLike, map_location="cpu") -> tuple[dict, str]:
-    """`read_checkpoint`, and the sha256 of the bytes it loaded (how ranks check they read the same file)."""
+    """`read_checkpoint`, and the sha256 of the file (how ranks check that they read the same bytes)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    payload = path.read_bytes()
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = sha256_file(path)
     sidecar = path.with_name(path.name + ".sha256")
     if path.name == "last.pt":  # last.pt is a link to a step file: its sidecar is the step file's
         target = next((p for p in step_checkpoints(path.parent) if os.path.samefile(p, path)), None)
@@ -115,7 +113,9 @@ def read_checkpoint_and_digest(path: str | os.PathLike, map_location="cpu") -> t
     if sidecar.is_file() and sidecar.read_text().strip() != digest:
         raise CheckpointError(f"{path}: sha256 does not match {sidecar.name}: the file is corrupt or truncated")
     try:
-        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+        # Memory-mapped: the tensors are read from the page cache, which the ranks of a node resuming from the
+        # same file share, instead of every rank holding the file's bytes and a copy of them.
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
         raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e}); it is truncated, corrupt or "
                               "not a PyTorch checkpoint") from None
