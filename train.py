@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         print(f"train: stopped: {e}", file=sys.stderr)
         return 3
-    except ShardFormatError as e:  # e.g. a shard deleted or replaced under a running job
+    except (ShardFormatError, CheckpointError) as e:  # a shard replaced under a running job; a failed checkpoint write
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -19,7 +19,7 @@ COLUMNS = {
                   "speedup_vs_reference", "memory_ratio_vs_reference"],
     "loader": ["size", "batch", "workers", "clips_per_s", "frames_per_s", "vs_original", "data_wait_share"],
     "train_step": ["arch", "batch", "clips_per_s", "frames_per_s", "peak_mem_bytes", "achieved_tflops",
-                   "ratio_to_original"],
+                   "ratio_to_original", "ckpt_every", "ckpt_mb", "ckpt_wait_share"],
     "eval": ["arch", "batch", "frames_per_s", "projected_mars_dense_s"],
     "synthetic": ["layout", "workers", "frames", "frames_per_s", "frames_per_s_per_worker", "frames_per_cpu_s",
                   "bytes_per_frame", "load_avg_1m_max", "projected_full_s"],

@@ -1,26 +1,40 @@
-"""One training step (forward + loss + backward + Adam), our configuration against the original's.
+"""One training step (forward + loss + backward + Adam), our configuration against the original's; and the
+share of wall time training waits for checkpoints.
 
-    python -m benchmarks.train_step --arch nvan [--device cuda] [--batch 32] [--compile]
+    python -m benchmarks.train_step --arch nvan [--device cuda] [--batch 32] [--compile] [--no-checkpoint]
 
 Model only: clips are random tensors already on the device (the loader is measured by benchmarks.loader).
 Variants, measured in the same run after a warm-up:
 - original: fp32, reference attention (explicit matmul-softmax-matmul), NCHW, plain Adam (no foreach/fused)
-- ours: bf16 autocast, channels_last, fused SDPA attention, fused Adam (foreach on the CPU)
+- ours: bf16 autocast, channels_last, fused SDPA attention, fused Adam (as the trainer)
 - ours+compile (with --compile): the same under torch.compile
 Reports clips/s, frames/s, peak memory, achieved TFLOP/s (FLOPs of one step counted by FlopCounterMode) and
 the ratio to the original. The paper's batch is 32 clips x 8 frames of 256x128; the CPU default is smaller.
+
+Checkpoints (unless --no-checkpoint): the STE-NVAN preset's model (ours) trains `--ckpt-steps` steps with a full
+checkpoint (model + Adam state + RNG, as the trainer writes) every `--ckpt-every` steps, once through the
+background writer (stenvan.checkpoint_writer) and once writing on the training thread (what the trainer did
+before). Reported: the seconds the training thread waited for checkpoints, as a share of the run's wall time
+(the background writer's last write, finished after the loop, is reported apart as `final_flush_s`).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import tempfile
+import time
 
 import torch
 
 from benchmarks.common import Timer, append_results, device_name, print_table, summarize, versions
+from stenvan.checkpoint import save_checkpoint
+from stenvan.checkpoint_writer import CheckpointWriter
 from stenvan.losses import ReIDLoss
 from stenvan.models import build_model, flop_counter
+from stenvan.optim import build_optimizer
+from stenvan.rng import rng_state
 
 VARIANTS = {
     "original": {"precision": "fp32", "attention": "reference", "channels_last": False, "fused_adam": False},
@@ -34,9 +48,10 @@ def make_step(arch, variant, batch, clip_len, height, width, num_classes, device
     model = build_model(arch, num_classes, attention=variant["attention"]).to(device)
     if variant["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-5,
-                                 **(fused if variant["fused_adam"] else {"foreach": False}))
+    if variant["fused_adam"]:
+        optimizer = build_optimizer(list(model.parameters()), "adam", lr=1e-4, weight_decay=5e-5)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-5, foreach=False)
     forward = torch.compile(model) if compile_model else model
     criterion = ReIDLoss()
     clips = torch.randn(batch, clip_len, 3, height, width, device=device)
@@ -52,12 +67,12 @@ def make_step(arch, variant, batch, clip_len, height, width, num_classes, device
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, model
+    return step, model, optimizer
 
 
 def measure(args, name, variant, device):
-    step, model = make_step(args.arch, variant, args.batch, args.clip_len, args.height, args.width, 625, device,
-                            name.endswith("compile"))
+    step, model, _ = make_step(args.arch, variant, args.batch, args.clip_len, args.height, args.width, 625, device,
+                               name.endswith("compile"))
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     for _ in range(args.warmup):
         step()
@@ -83,6 +98,40 @@ def measure(args, name, variant, device):
             **stats}
 
 
+def measure_checkpoints(args, device, background: bool) -> dict:
+    """STE-NVAN (ours) for `ckpt_steps` steps, a checkpoint every `ckpt_every`: seconds the training waits."""
+    step, model, optimizer = make_step("ste_nvan", VARIANTS["ours"], args.batch, args.clip_len, args.height,
+                                       args.width, 625, device, False)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    step()  # warm-up (allocations, cuDNN autotuning)
+    with tempfile.TemporaryDirectory(dir=args.ckpt_dir, prefix="bench-ckpt-") as run_dir:
+        writer = CheckpointWriter(run_dir, keep=2, log=lambda _: None)
+        blocked_s = 0.0
+        with Timer(sync) as run:
+            for i in range(1, args.ckpt_steps + 1):
+                step()
+                if i % args.ckpt_every == 0:
+                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "rng": rng_state(), "progress": {"global_step": i}}
+                    if background:
+                        writer.save(state, step=i)
+                    else:  # on the training thread: write, sync, read back, rename
+                        start = time.perf_counter()
+                        save_checkpoint(state, run_dir, i, keep=2)
+                        blocked_s += time.perf_counter() - start
+        waited_s = writer.wait_s if background else blocked_s
+        with Timer() as flush:
+            writer.wait()
+        size = os.path.getsize(os.path.join(run_dir, "last.pt"))
+    del step, model, optimizer
+    gc.collect()
+    return {"variant": "checkpoints " + ("in the background" if background else "on the training thread"),
+            "arch": "ste_nvan", "batch": args.batch, "steps": args.ckpt_steps, "ckpt_every": args.ckpt_every,
+            "checkpoints": args.ckpt_steps // args.ckpt_every, "ckpt_mb": size / 1e6, "wall_s": run.elapsed_s,
+            "ckpt_wait_s": waited_s, "ckpt_wait_share": waited_s / run.elapsed_s,
+            "final_flush_s": flush.elapsed_s if background else 0.0}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=("baseline", "nvan", "ste_nvan"), default="nvan")
@@ -94,9 +143,14 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also measure ours under torch.compile")
+    parser.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint-wait measurement")
+    parser.add_argument("--ckpt-steps", type=int, help="steps of the checkpoint run (default: 12 GPU, 6 CPU)")
+    parser.add_argument("--ckpt-every", type=int, default=3, help="steps between checkpoints in that run")
+    parser.add_argument("--ckpt-dir", help="where the checkpoints go (default: the system's temp folder)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.batch = args.batch or (32 if device.type == "cuda" else 2)
+    args.ckpt_steps = args.ckpt_steps or (12 if device.type == "cuda" else 6)
     if device.type == "cpu":
         args.repeats = min(args.repeats, 3)
         args.warmup = min(args.warmup, 1)
@@ -117,6 +171,14 @@ def main(argv=None) -> None:
                   1000 * r["median_s"], r["ratio_to_original"]] for r in rows],
                 title=f"train step, {args.arch}, {args.batch} clips x {args.clip_len} x {args.height}x{args.width}, "
                       f"{dev}")
+    if not args.no_checkpoint:
+        ckpt = [measure_checkpoints(args, device, background) for background in (True, False)]
+        print_table(["variant", "checkpoints", "MB each", "wall s", "waited s", "wait share", "final flush s"],
+                    [[r["variant"], r["checkpoints"], r["ckpt_mb"], r["wall_s"], r["ckpt_wait_s"],
+                      f"{100 * r['ckpt_wait_share']:.2f}%", r["final_flush_s"]] for r in ckpt],
+                    title=f"checkpoint wait, ste_nvan (ours), {args.ckpt_steps} steps of {args.batch} clips, a "
+                          f"checkpoint every {args.ckpt_every}, {dev}")
+        results += [{"device": dev, "versions": versions(), **r} for r in ckpt]
     print(f"results appended to {append_results('train_step', results)}")
 
 

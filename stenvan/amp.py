@@ -7,10 +7,35 @@ import torch
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def gpu_compute_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, asked of NVML when it can answer, so that CUDA itself is not started.
+
+    The precision decides the loader's output dtype, and the loader's DALI workers fork before CUDA may be
+    initialised. Without NVML (e.g. a container without libnvidia-ml) the CUDA runtime answers; DALI then spawns
+    its workers instead of forking them (slower start, same result).
+    """
+    from ctypes import CDLL, byref, c_int, c_void_p
+
+    try:
+        nvml = CDLL("libnvidia-ml.so.1")
+        index = torch.cuda._get_nvml_device_index(device)  # honours CUDA_VISIBLE_DEVICES, as device_count() does
+        handle, major, minor = c_void_p(), c_int(), c_int()
+        if (nvml.nvmlInit_v2() == 0 and nvml.nvmlDeviceGetHandleByIndex_v2(index, byref(handle)) == 0
+                and nvml.nvmlDeviceGetCudaComputeCapability(handle, byref(major), byref(minor)) == 0):
+            return major.value, minor.value
+    except (OSError, AttributeError, RuntimeError):
+        pass
+    return torch.cuda.get_device_capability(device)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 on a GPU and fp32 on the CPU; fp16 needs a GPU (its GradScaler is a CUDA feature here)."""
+    """'auto' is bf16 on a GPU that computes it natively (compute capability 8.0+: A100, H100, ...), fp16 with a
+    GradScaler on older GPUs (V100 emulates bf16, slowly), and fp32 on the CPU. fp16 needs a GPU (its
+    GradScaler is a CUDA feature here)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if gpu_compute_capability(device) >= (8, 0) else "fp16"
     if precision not in AMP_DTYPES:
         raise ValueError(f"precision={precision!r}; valid values are auto, bf16, fp16, fp32")
     if precision == "fp16" and device.type != "cuda":

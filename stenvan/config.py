@@ -1,8 +1,8 @@
 """The training configuration: one typed, frozen dataclass, YAML presets in `configs/`, `--key value` overrides.
 
 The resolved config is printed at start, saved as `config.yaml` in the run folder and stored in every
-checkpoint. Library functions take plain arguments; only the trainer (`stenvan.trainer`) and the model loader
-of `stenvan.evaluate` read this object.
+checkpoint. Library functions take plain arguments; only the trainer (`stenvan.trainer`), the model builder
+(`stenvan.builders`) and the model loader of `stenvan.evaluate` read this object.
 """
 
 from __future__ import annotations
@@ -64,14 +64,17 @@ class TrainConfig:
     ce_weight: float = 1.0
     label_smoothing: float = 0.0
     # --- speed ---
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
+    # auto: bf16 on a GPU (fp16 + GradScaler on GPUs without bf16, e.g. V100), fp32 on the CPU
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
-    sync_bn: bool = False  # SyncBatchNorm across ranks (default: per-rank statistics)
+    # SyncBatchNorm: BatchNorm statistics of the global batch, as one GPU computes them (auto: on with > 1 GPU)
+    sync_bn: Literal["auto", "true", "false"] = "auto"
     freeze_bn: bool = False  # BatchNorm uses its running statistics while training (no batch statistics)
     # --- bookkeeping ---
     max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs)
-    ckpt_every: int = 500  # checkpoint every N steps (and at every epoch end); 0: epoch ends only
+    ckpt_minutes: float = 10.0  # checkpoint every this many minutes (written in the background); 0: off
+    ckpt_every: int = 0  # also checkpoint every N steps (0: off); the run's end and a signal always checkpoint
     keep_ckpts: int = 3  # step checkpoints kept on disk (last.pt always points to the newest)
     log_every: int = 20  # steps between log lines (losses reach the host only then)
     eval_every: int = 0  # evaluate every N epochs (0: never during training)
@@ -112,6 +115,7 @@ class TrainConfig:
              "log_every, keep_ckpts and max_nonfinite must be at least 1")
         need(self.max_steps >= 0 and self.ckpt_every >= 0 and self.eval_every >= 0,
              "max_steps, ckpt_every, eval_every must be >= 0")
+        need(math.isfinite(self.ckpt_minutes) and self.ckpt_minutes >= 0, "ckpt_minutes must be >= 0")
         return self
 
     def to_dict(self) -> dict:
@@ -141,6 +145,8 @@ def coerce(key: str, value, source: str):
     bad = lambda what: ConfigError(f"{source}: {key}={value!r} is not {what}")  # noqa: E731
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
+        if "true" in choices and (isinstance(value, bool) or (from_text and value.lower() in ("true", "false"))):
+            value = str(value).lower()  # YAML's `sync_bn: true` is a bool; keep "true"/"false" as the names
         if value not in choices:
             raise ConfigError(f"{source}: {key}={value!r}; valid values are {', '.join(map(str, choices))}")
         return value

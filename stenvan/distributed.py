@@ -2,8 +2,10 @@
 
 `torchrun` sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python train.py` is a world of one. NCCL drives GPUs
 and gloo the CPU. Every side effect (logging, checkpoints, files) is guarded by `World.is_main`.
-Setup has two halves so that DALI's worker processes can fork before CUDA is initialised: `describe` only
-reads the environment, `join` selects the GPU and joins the process group.
+Setup has three steps so that DALI's worker processes can fork before CUDA is initialised: `describe` only
+reads the environment; `rendezvous` connects to the run's key-value store (how rank 0 tells the others which
+checkpoint to resume from, before the loader forks); `join` selects the GPU and builds the process group on
+that same store.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+TIMEOUT = datetime.timedelta(minutes=30)  # collectives and store reads (rank 0 may be reading a large checkpoint)
 
 
 class DeviceError(RuntimeError):
@@ -47,19 +52,72 @@ def describe(device: str = "auto") -> World:
     return World(rank, local_rank, size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
-def join(world: World) -> None:
+def use_sync_bn(setting: str, world: World) -> bool:
+    """Whether to convert BatchNorm to SyncBatchNorm (statistics over the global batch, as one GPU would compute
+    them): 'auto' = with more than one GPU process; never for one process (nothing to synchronise)."""
+    if world.size == 1:
+        return False
+    if setting == "auto":
+        return world.device.type == "cuda"
+    if setting == "true" and world.device.type != "cuda":
+        raise DeviceError("sync_bn=true: torch's SyncBatchNorm runs on GPUs only; on the CPU use sync_bn false "
+                          "(per-rank statistics) or freeze_bn true")
+    return setting == "true"
+
+
+def rendezvous(world: World) -> dist.Store | None:
+    """The run's key-value store (None for a world of one), before any process group or CUDA context exists.
+
+    The same TCPStore that `init_process_group("env://")` would use: torchrun's agent hosts it at
+    MASTER_ADDR:MASTER_PORT (fresh for every restart of the workers), or rank 0 does without an agent. Making it
+    opens a TCP connection and nothing else: no CUDA call, no NCCL or gloo communicator, so DALI's workers can
+    still fork afterwards. `join` builds the process group on this store.
+    """
+    if world.size == 1:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=world.rank, world_size=world.size, timeout=TIMEOUT))
+    store.set_timeout(TIMEOUT)
+    return store
+
+
+def join(world: World, store: dist.Store | None = None) -> None:
     """Select this process's GPU and join the process group torchrun describes (if there is one)."""
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
     if world.size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if world.device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30),
-                                device_id=world.device if world.device.type == "cuda" else None)
+        # The prefix keeps the group's keys apart from ours, as init_process_group does with its own store.
+        kwargs = {} if store is None else {"store": dist.PrefixStore("default_pg", store), "rank": world.rank,
+                                           "world_size": world.size}
+        dist.init_process_group("nccl" if world.device.type == "cuda" else "gloo", timeout=TIMEOUT,
+                                device_id=world.device if world.device.type == "cuda" else None, **kwargs)
 
 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: every rank's (B, ...) tensor concatenated in rank order, (W·B, ...). Backward: every rank's
+    gradient of the concatenation is summed (each rank's loss used all of it) and this rank keeps its rows.
+
+    An all-reduce rather than a reduce-scatter, so that it runs on gloo as well as NCCL; the tensors are
+    features of one batch (32 × 2048 floats), so the extra traffic is nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()  # all_reduce works in place; autograd may still hold grad
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -70,9 +128,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()))
+    return _GatherWithGrad.apply(x.contiguous())
 
 
 def cleanup() -> None:

@@ -8,6 +8,7 @@ split (not in the gallery) plus the gallery split, which holds its own copy of e
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stenvan.amp import AMP_DTYPES
 from stenvan.amp import autocast as amp_autocast
 from stenvan.evaluation import Tracklets, evaluate_all, plot_cmc, plot_ranked_list, query_distances, top_k_matches
 from stenvan.evaluation.protocols import scalar_metrics
@@ -28,6 +30,19 @@ def eval_splits(manifest: dict) -> list[tuple[str, bool | None, bool]]:
     if manifest["dataset"] == "mars":
         return [("gallery", None, True)]  # queries are gallery tracklets marked "query"
     return [("query", True, False), ("gallery", False, True)]
+
+
+@contextlib.contextmanager
+def channels_last(model: torch.nn.Module):
+    """Run `model` with channels_last weights (cuDNN's fast NHWC kernels; the conv outputs follow the weights),
+    then give it back in the memory format it came in (the trainer's model keeps its own)."""
+    was = all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        if not was:
+            model.to(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
@@ -43,7 +58,7 @@ def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: s
     manifest = load_manifest(shard_dir)
     entries = manifest["splits"][split]["tracklets"]
     batches = build_eval_loader(shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
-                                batch_size=batch_size, backend=loader, device=device, dtype=torch.float32,
+                                batch_size=batch_size, backend=loader, device=device, dtype=AMP_DTYPES[precision],
                                 workers=workers)
 
     def checked(stream):
@@ -81,18 +96,19 @@ def features_per_tracklet(model: torch.nn.Module, batches, num_tracklets: int, *
     frames = 0
     start = time.perf_counter()
     autocast = amp_autocast(device, precision)
-    for batch in batches:
-        index = batch["tracklet"].to(device)
-        with autocast:
-            feats = model(batch["clips"]).float()  # (N, 2048) post-BN features
-        w = batch["real_frames"].to(device=device, dtype=torch.float32)  # (N,)
-        sums.index_add_(0, index, feats * w[:, None])
-        weights.index_add_(0, index, w)
-        newly = ~seen[batch["tracklet"]]
-        seen[batch["tracklet"]] = True
-        if bar is not None:
-            bar.update(int(newly.sum()))
-        frames += batch["clips"].shape[0] * batch["clips"].shape[1]
+    with channels_last(model):
+        for batch in batches:
+            index = batch["tracklet"].to(device)
+            with autocast:
+                feats = model(batch["clips"]).float()  # (N, 2048) post-BN features
+            w = batch["real_frames"].to(device=device, dtype=torch.float32)  # (N,)
+            sums.index_add_(0, index, feats * w[:, None])
+            weights.index_add_(0, index, w)
+            newly = ~seen[batch["tracklet"]]
+            seen[batch["tracklet"]] = True
+            if bar is not None:
+                bar.update(int(newly.sum()))
+            frames += batch["clips"].shape[0] * batch["clips"].shape[1]
     seconds = time.perf_counter() - start
     stats = {"frames": frames, "seconds": seconds, "frames_per_s": frames / max(seconds, 1e-9),
              "missing": torch.nonzero(~seen).flatten().tolist()}
@@ -214,7 +230,7 @@ def load_model_for_eval(checkpoint: str, original_arch: str | None, untrained: b
     """
     from stenvan.checkpoint import CheckpointError, read_checkpoint
     from stenvan.config import config_from_dict
-    from stenvan.trainer import build_model_from_config
+    from stenvan.builders import build_model_from_config
 
     if original_arch:
         from stenvan.models import load_original_checkpoint

@@ -1,7 +1,10 @@
 """The training run: components from the config, a loop that fits on a screen, and nothing ever lost.
 
-One code path for CPU, one GPU and N GPUs on M nodes (torchrun). Checkpoints hold the full state and are
-written atomically every `ckpt_every` steps, at every epoch end, at `max_steps`, and on SIGTERM/SIGINT.
+One code path for CPU, one GPU and N GPUs on M nodes (torchrun). Checkpoints hold the full state; they are
+snapshotted at a step boundary and written in the background (`stenvan.checkpoint_writer`) every
+`ckpt_minutes` minutes, every `ckpt_every` steps if asked, at the end of the run and on SIGTERM/SIGINT.
+A step never waits for the GPU: losses and non-finite counts stay on the device and reach the host (one sync)
+every `log_every` steps, where the ranks also agree on stopping.
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ from pathlib import Path
 import torch
 
 from stenvan import distributed
+from stenvan.amp import AMP_DTYPES, resolve_precision
 from stenvan.amp import autocast as amp_autocast
-from stenvan.amp import resolve_precision
-from stenvan.checkpoint import (CheckpointError, newest_valid_checkpoint, read_checkpoint, save_checkpoint,
-                                write_checkpoint_file)
-from stenvan.config import TrainConfig, config_from_dict
+from stenvan.builders import build_model_from_config
+from stenvan.checkpoint import CheckpointError
+from stenvan.checkpoint_writer import CheckpointWriter
+from stenvan.config import ConfigError, TrainConfig, config_from_dict
 from stenvan.losses import ReIDLoss
+from stenvan.optim import build_optimizer, step_unless
+from stenvan.resume import agree_on_checkpoint
 from stenvan.rng import rng_state, seed_everything, set_rng_state
 from stenvan.runlog import RunLog
 from stenvan.schedule import lr_factor
 from stenvan.shards import atomic_write
+from stenvan.step_meter import StepMeter
+
 
 class TrainingStopped(Exception):
     """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
@@ -35,19 +43,9 @@ class Progress:
     epoch: int = 0  # current epoch
     step_in_epoch: int = 0  # index of the next batch within the epoch (the sampler position)
     global_step: int = 0  # optimizer steps taken (including skipped non-finite ones)
-    nonfinite_total: int = 0
+    nonfinite_total: int = 0  # as of the last sync point (the step meter holds the steps since)
     nonfinite_in_a_row: int = 0
     best_map: float = -1.0  # best test mAP so far (select_on_test only)
-
-
-def build_model_from_config(cfg: TrainConfig, num_classes: int, pretrained: bool = True) -> torch.nn.Module:
-    from stenvan.models import build_model
-
-    weights = None if (not pretrained or cfg.pretrained == "none") else cfg.pretrained
-    options = {"attention": cfg.attention} if cfg.arch != "baseline" else {}
-    if cfg.arch == "ste_nvan":  # stripes and temporal attention are STE-NVAN's options only
-        options.update(stripes=cfg.stripes, temporal_attention=cfg.temporal_attention)
-    return build_model(cfg.arch, num_classes, stem_relu=cfg.stem_relu, pretrained=weights, **options)
 
 
 def set_bn_eval(module: torch.nn.Module) -> None:
@@ -57,6 +55,18 @@ def set_bn_eval(module: torch.nn.Module) -> None:
             m.eval()
 
 
+def check_batchnorm_share(ids_per_rank: int, clips_per_rank: int, per_rank_bn: bool) -> str | None:
+    """A warning when per-rank BatchNorm would see fewer than 2 identities (their statistics would be one
+    identity's own); raises when it would see one clip (BatchNorm1d cannot normalise a batch of one)."""
+    if not per_rank_bn or ids_per_rank >= 2:
+        return None
+    if clips_per_rank < 2:
+        raise ConfigError(f"each rank's share of the batch is {clips_per_rank} clip: per-rank BatchNorm cannot "
+                          "normalise it; use --sync_bn true (GPUs), --freeze_bn true, fewer ranks or a larger P·K")
+    return (f"warning: each rank's share of the batch holds {ids_per_rank} identity and BatchNorm is per rank: "
+            "its statistics are that identity's own; use --sync_bn true (GPUs) or a larger P·K")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None):
         self.cfg = cfg
@@ -64,49 +74,52 @@ class Trainer:
         self.is_main = self.world.is_main
         self.run_dir = Path(cfg.out)
         self.precision = resolve_precision(cfg.precision, self.world.device)
+        self.sync_bn = distributed.use_sync_bn(cfg.sync_bn, self.world)
         seed_everything(cfg.seed)
         from stenvan.data import build_train_loader
 
         self.loader = build_train_loader(
             cfg.data, P=cfg.ids_per_batch, K=cfg.tracklets_per_id, clip_len=cfg.clip_len, height=cfg.height,
             width=cfg.width, seed=cfg.seed, rank=self.world.rank, world_size=self.world.size, backend=cfg.loader,
-            device=self.world.device, dtype=torch.float32, workers=cfg.workers, flip_p=cfg.flip_p, pad=cfg.pad,
-            erase_p=cfg.erase_p, batches_per_epoch=cfg.batches_per_epoch or None)
+            device=self.world.device, dtype=AMP_DTYPES[self.precision], workers=cfg.workers, flip_p=cfg.flip_p,
+            pad=cfg.pad, erase_p=cfg.erase_p, batches_per_epoch=cfg.batches_per_epoch or None)
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.num_classes = self.loader.num_classes
-        checkpoint = self._find_checkpoint(resume) if resume else None
+        bn_warning = check_batchnorm_share(self.loader.plan.sampler.ids_per_rank, self.loader.batch_size,
+                                           self.world.size > 1 and not self.sync_bn and not cfg.freeze_bn)
+        # Rank 0 picks the checkpoint, every rank loads it; through torchrun's store, because this must happen
+        # before the loader forks and so before CUDA and the process group exist (see stenvan.resume).
+        store = distributed.rendezvous(self.world)
+        checkpoint = agree_on_checkpoint(resume, self.run_dir, store, self.world.rank, self.world.size) \
+            if resume else None
+        if checkpoint:
+            self._check_checkpoint(*checkpoint)
         self.progress = Progress(**checkpoint[1]["progress"]) if checkpoint else Progress()
-        if self.progress.step_in_epoch >= self.steps_per_epoch:
-            raise CheckpointError(f"{checkpoint[0]}: saved at step {self.progress.step_in_epoch} of an epoch, but "
-                                  f"this run has {self.steps_per_epoch} steps per epoch; resume with the run's "
-                                  "batches_per_epoch")
         self.loader.prepare(self.progress.epoch, self.progress.step_in_epoch)  # DALI workers fork here
-        distributed.join(self.world)  # now CUDA and the process group
+        distributed.join(self.world, store)  # now CUDA and the process group
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once (the original too)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and for `eval.py --untrained`
-        model = build_model_from_config(cfg, self.num_classes)
+        # A resumed run takes every weight from the checkpoint: no ImageNet download (offline resume works).
+        model = build_model_from_config(cfg, self.num_classes, pretrained=checkpoint is None)
         model.check_clip_length(cfg.clip_len)
         if checkpoint:
             model.load_state_dict(checkpoint[1]["model"], strict=True)
-        if cfg.sync_bn and self.world.size > 1:
+        if self.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.world.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model  # the plain module: saved in checkpoints and used for evaluation
         # The optimizer after the model moved: its state then lives beside the parameters.
-        params = [p for p in model.parameters() if p.requires_grad]
-        kernel = {"fused": True} if self.world.device.type == "cuda" else {"foreach": True}
-        if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, **kernel)
-        else:
-            opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-            self.optimizer = opt_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
+        self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer,
+                                         cfg.lr, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
             step, self.steps_per_epoch, schedule=cfg.lr_schedule, epochs=cfg.epochs, step_epochs=cfg.lr_step_epochs,
             milestones=cfg.lr_milestones, gamma=cfg.lr_gamma, warmup_epochs=cfg.warmup_epochs))
         self.scaler = torch.amp.GradScaler(self.world.device.type, enabled=self.precision == "fp16")
         self.criterion = ReIDLoss(cfg.triplet, cfg.triplet_margin, cfg.triplet_weight, cfg.ce_weight,
                                   cfg.label_smoothing)
+        self.meter = StepMeter(self.world.device)
         if checkpoint:
             self._restore(*checkpoint)
         forward = model
@@ -115,13 +128,19 @@ class Trainer:
                 model, device_ids=[self.world.local_rank] if self.world.device.type == "cuda" else None)
         self.forward = torch.compile(forward) if cfg.compile else forward
         self.log = RunLog(self.run_dir, enabled=self.is_main)
+        self.writer = CheckpointWriter(self.run_dir, cfg.keep_ckpts, log=self.log.info) if self.is_main else None
+        self._saved_step = self.progress.global_step if checkpoint else -1
         self.stop_signal = 0
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
             self.log.info("config:\n" + "\n".join(f"  {k}: {v}" for k, v in cfg.to_dict().items()))
             self.log.info(f"world: {self.world.size} process(es) on {self.world.device}, precision {self.precision}, "
-                          f"{self.num_classes} classes, {self.steps_per_epoch} steps/epoch")
+                          f"{self.num_classes} classes, {self.steps_per_epoch} steps/epoch, "
+                          f"{self.loader.batch_size} clips per rank, BatchNorm "
+                          + ("frozen" if cfg.freeze_bn else "synchronised" if self.sync_bn else "per rank"))
+            if bn_warning:
+                self.log.info(bn_warning)
 
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -132,43 +151,47 @@ class Trainer:
         return {"config": self.cfg.to_dict(), "arch": self.cfg.arch, "num_classes": self.num_classes,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "progress": vars(p).copy(), "rng": rng_state(), "world_size": self.world.size}
+                "progress": vars(p).copy(), "meter": self.meter.values, "rng": rng_state(),
+                "world_size": self.world.size}
 
-    def save(self, reason: str) -> None:
-        start = time.perf_counter()
-        if self.is_main:
-            path = save_checkpoint(self.state(), self.run_dir, self.progress.global_step, self.cfg.keep_ckpts)
-            self.log.info(f"checkpoint: {path} ({reason})")
-        distributed.barrier()  # nobody runs ahead (or exits) before the checkpoint is on disk
-        self._exclude_from_window(time.perf_counter() - start)
+    def save(self, reason: str, wait: bool = False) -> None:
+        """Checkpoint this step in the background (main rank); wait=True: until it is on disk, on every rank."""
+        if self.is_main and self.progress.global_step != self._saved_step:
+            self.writer.save(self.state(), step=self.progress.global_step, reason=reason)
+            self._saved_step = self.progress.global_step
+            self._last_save = time.monotonic()
+        if wait:
+            if self.is_main:
+                self.writer.wait()
+            distributed.barrier()  # nobody exits before the checkpoint is on disk
+
+    def _checkpoint_due(self) -> bool:
+        cfg, p = self.cfg, self.progress
+        return self.is_main and bool((cfg.ckpt_every and p.global_step % cfg.ckpt_every == 0) or (
+            cfg.ckpt_minutes and time.monotonic() - self._last_save >= 60 * cfg.ckpt_minutes))
 
     def _exclude_from_window(self, seconds: float) -> None:
-        """Checkpoints and evaluations are not training time: keep them out of clips/s and the data-wait share."""
+        """Evaluations are not training time: keep them out of clips/s and the data-wait share."""
         if hasattr(self, "_window"):
             self._window["start"] += seconds
 
-    def _find_checkpoint(self, resume: str) -> tuple[Path, dict] | None:
-        """('auto': the newest valid checkpoint in the run folder; else the given file), checked against this run."""
-        if resume == "auto":
-            found = newest_valid_checkpoint(self.run_dir)
-            if found is None:
-                if self.is_main:
-                    print(f"resume: no checkpoint in {self.run_dir}, starting from scratch", flush=True)
-                return None
-            path, state = found
-        else:
-            path, state = Path(resume), read_checkpoint(resume)
+    def _check_checkpoint(self, path: Path, state: dict) -> None:
         saved = config_from_dict(state["config"])
         if saved.arch != self.cfg.arch or state["num_classes"] != self.num_classes:
             raise CheckpointError(f"{path}: holds a {saved.arch} model with {state['num_classes']} classes, this run "
                                   f"builds {self.cfg.arch} with {self.num_classes}; use another --out")
-        return path, state
+        if state["progress"]["step_in_epoch"] >= self.steps_per_epoch:
+            raise CheckpointError(f"{path}: saved at step {state['progress']['step_in_epoch']} of an epoch, but "
+                                  f"this run has {self.steps_per_epoch} steps per epoch; resume with the run's "
+                                  "batches_per_epoch")
 
     def _restore(self, path: Path, state: dict) -> None:
-        """Optimizer, scheduler, scaler and RNG states (the model was loaded before it moved to the device)."""
+        """Optimizer, scheduler, scaler, meter and RNG states (the model was loaded before it moved)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if "meter" in state:  # the loss sums of the log window the checkpoint was taken in
+            self.meter.values.copy_(state["meter"])
         set_rng_state(state["rng"])
         if self.is_main:
             changed = {k: v for k, v in self.cfg.to_dict().items() if state["config"].get(k) != v}
@@ -180,7 +203,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame) -> None:
-        self.stop_signal = signum  # acted on at the end of the current step, on every rank together
+        self.stop_signal = signum  # acted on after the current step (with several ranks: at the next sync point)
 
     def fit(self) -> Progress:
         cfg, p = self.cfg, self.progress
@@ -193,8 +216,8 @@ class Trainer:
             total_steps = min(total_steps, cfg.max_steps)
         bar = tqdm(total=total_steps, initial=p.global_step, disable=None if self.is_main else True,
                    unit="step", dynamic_ncols=True, file=sys.stderr)
-        sums = torch.zeros(4, device=self.world.device)  # loss, triplet, ce, good steps: summed on the device
-        self._window = {"steps": 0, "wait_s": 0.0, "start": time.perf_counter()}
+        run_start, self._last_save = time.perf_counter(), time.monotonic()
+        self._window = {"steps": 0, "wait_s": 0.0, "start": time.perf_counter(), "ckpt_s": self._ckpt_wait_s()}
         try:
             while p.epoch < cfg.epochs and not (cfg.max_steps and p.global_step >= cfg.max_steps):
                 self.model.train()
@@ -204,102 +227,105 @@ class Trainer:
                 t0 = time.perf_counter()
                 for batch in self.loader.epoch(p.epoch, start_step=p.step_in_epoch):
                     self._window["wait_s"] += time.perf_counter() - t0
-                    stop = self._step(batch, autocast, sums)
+                    self._step(batch, autocast)
                     bar.update(1)
+                    # One process acts on a signal at once; several agree on it at the sync point.
+                    stop = self.stop_signal and self.world.size == 1
                     if p.global_step % cfg.log_every == 0:
-                        self._log_interval(sums, len(batch["labels"]))
-                        sums.zero_()
+                        stop = self._sync_point()
                     if stop:
-                        self.save(f"stopped by signal {int(stop)}")
+                        self.save(f"stopped by signal {self.stop_signal or 'on another rank'}", wait=True)
                         self.log.info("stopped cleanly; continue with --resume auto")
                         return p
                     if cfg.max_steps and p.global_step >= cfg.max_steps:
-                        self.save(f"max_steps={cfg.max_steps}")
-                        return p
-                    if cfg.ckpt_every and p.global_step % cfg.ckpt_every == 0 and p.step_in_epoch:
+                        break
+                    if self._checkpoint_due():
                         self.save("periodic")
                     t0 = time.perf_counter()
-                if cfg.eval_every and p.epoch % cfg.eval_every == 0:
-                    self.evaluate_during_training()  # before the save, so the checkpoint holds best_map
-                self.save("epoch end")
+                if cfg.eval_every and p.step_in_epoch == 0 and p.epoch % cfg.eval_every == 0:
+                    self.evaluate_during_training()
+            self.save("max_steps" if cfg.max_steps and p.global_step >= cfg.max_steps else "end", wait=True)
         finally:
             bar.close()
             for s, handler in old_handlers.items():
                 signal.signal(s, handler)
+            if self.is_main:
+                elapsed = time.perf_counter() - run_start
+                self.log.info(f"checkpoints: {self.writer.written} written; training waited "
+                              f"{self.writer.wait_s:.2f} s for them, {100 * self.writer.wait_s / elapsed:.2f}% "
+                              f"of {elapsed:.1f} s")
         return p
 
-    def _step(self, batch: dict, autocast, sums: torch.Tensor) -> float:
-        """One optimizer step (or a skipped one); returns the stop signal agreed by every rank (0: none)."""
+    def _step(self, batch: dict, autocast) -> None:
+        """One optimizer step, or a skipped one if some rank's loss is not finite; nothing here waits for the GPU."""
         p = self.progress
         with autocast:
             feats, logits = self.forward(batch["clips"])  # (B, T, 3, H, W) -> (B, 2048), (B, #ids)
             losses = self.criterion(feats, logits, batch["labels"])
+        bad = (~torch.isfinite(losses["loss"].detach())).float()  # 0-d: 1.0 = skip this step
+        if self.world.size > 1:  # every rank skips the same steps (an all-reduce on the device, no host sync)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         self.scaler.scale(losses["loss"]).backward()
-        # A small all-reduce and a host sync every step: every rank must skip a non-finite step, and stop on
-        # a signal, at the same step. It costs one pipeline bubble per step on a GPU.
-        flags = torch.stack([(~torch.isfinite(losses["loss"].detach())).float(),
-                             torch.tensor(float(self.stop_signal), device=self.world.device)])
-        if self.world.size > 1:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        nonfinite, stop = flags.tolist()
-        if nonfinite:
-            self._skip_nonfinite(losses)
-        else:
-            p.nonfinite_in_a_row = 0
+        if self.scaler.is_enabled():  # fp16: GradScaler skips steps with non-finite gradients on the device
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            sums += torch.stack([losses["loss"].detach().float(), losses["triplet"], losses["ce"],
-                                 torch.ones((), device=self.world.device)])
+        else:
+            step_unless(self.optimizer, bad)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.meter.update(losses, bad)
         p.global_step += 1
         p.step_in_epoch += 1
         self._window["steps"] += 1
         if p.step_in_epoch == self.steps_per_epoch:
             p.epoch, p.step_in_epoch = p.epoch + 1, 0
-        if p.nonfinite_in_a_row >= self.cfg.max_nonfinite:
+
+    def _sync_point(self) -> bool:
+        """Every `log_every` steps: the step meter reaches the host (the one sync), a log line, the non-finite
+        stop; returns whether any rank got a stop signal."""
+        p, cfg = self.progress, self.cfg
+        stats = self.meter.read(self.stop_signal, self.world.size)
+        self.meter.next_window()
+        p.nonfinite_total += stats["skipped"]
+        p.nonfinite_in_a_row = stats["run"]
+        self._log_interval(stats)
+        if stats["longest"] >= cfg.max_nonfinite:
+            if self.is_main:
+                self.writer.wait()  # so that last.pt below is the newest checkpoint
             last = self.run_dir / "last.pt"
             raise TrainingStopped(
-                f"{p.nonfinite_in_a_row} non-finite losses in a row at step {p.global_step}; lower --lr, try "
+                f"{stats['longest']} non-finite losses in a row by step {p.global_step}; lower --lr, try "
                 "--precision fp32, or check the data. " + (f"The last good checkpoint is {last}" if last.exists()
                                                             else "No checkpoint was written yet"))
-        return stop
+        return stats["stop"]
 
-    def _skip_nonfinite(self, losses: dict) -> None:
-        p = self.progress
-        p.nonfinite_total += 1
-        p.nonfinite_in_a_row += 1
-        self.log.record("train", p.global_step + 1, {"nonfinite_loss": 1, "nonfinite_total": p.nonfinite_total},
-                        f"step {p.global_step + 1}: non-finite loss (triplet {losses['triplet'].item():.4g}, ce "
-                        f"{losses['ce'].item():.4g}); step skipped ({p.nonfinite_in_a_row} in a row)")
-        if self.precision == "fp16":
-            self.scaler.update(self.scaler.get_scale() / 2)  # back off, as GradScaler does on inf gradients
+    def _ckpt_wait_s(self) -> float:
+        return self.writer.wait_s if self.writer else 0.0
 
-    def _log_interval(self, sums: torch.Tensor, batch_size: int) -> None:
-        # The one regular host-device sync point: the loss sums come to the host here.
-        if self.world.device.type == "cuda":
-            torch.cuda.synchronize()
-        if self.world.size > 1:  # global means: the same numbers whatever the number of processes
-            torch.distributed.all_reduce(sums)
-            sums /= self.world.size
-        window = self._window
+    def _log_interval(self, stats: dict) -> None:
+        window, p = self._window, self.progress
         elapsed = time.perf_counter() - window["start"]
-        steps = max(window["steps"], 1)
-        good = max(sums[3].item(), 1.0)  # losses are averaged over the steps that were not skipped
-        loss, triplet, ce = (sums[:3] / good).tolist()
-        clips_per_s = steps * batch_size * self.world.size / elapsed
-        p = self.progress
-        values = {"epoch": p.epoch, "loss": loss, "triplet": triplet, "ce": ce, "lr": self.scheduler.get_last_lr()[0],
-                  "clips_per_s": clips_per_s, "frames_per_s": clips_per_s * self.cfg.clip_len,
-                  "data_wait_share": window["wait_s"] / elapsed, "nonfinite_total": p.nonfinite_total}
+        clips_per_s = window["steps"] * self.loader.batch_size * self.world.size / elapsed
+        values = {"epoch": p.epoch, "lr": self.scheduler.get_last_lr()[0], "clips_per_s": clips_per_s,
+                  "frames_per_s": clips_per_s * self.cfg.clip_len, "data_wait_share": window["wait_s"] / elapsed,
+                  "ckpt_wait_share": (self._ckpt_wait_s() - window["ckpt_s"]) / elapsed,
+                  "nonfinite_total": p.nonfinite_total}
+        # Losses are averaged over the steps that were not skipped (none: no loss to report).
+        values.update({k: stats[k] for k in ("loss", "triplet", "ce") if k in stats})
+        if stats["skipped"]:
+            values["nonfinite_loss"] = stats["skipped"]
         if self.world.device.type == "cuda":
             values["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        line = (f"epoch {p.epoch} step {p.global_step} | loss {loss:.4f} (triplet {triplet:.4f}, ce {ce:.4f}) | "
-                f"lr {values['lr']:.2e} | {clips_per_s:.1f} clips/s {values['frames_per_s']:.0f} frames/s | "
-                f"data wait {100 * values['data_wait_share']:.0f}%"
-                + (f" | GPU mem {values['gpu_mem_gib']:.1f} GiB" if "gpu_mem_gib" in values else ""))
+        losses = (f"loss {stats['loss']:.4f} (triplet {stats['triplet']:.4f}, ce {stats['ce']:.4f})" if "loss" in stats
+                  else "no finite loss")
+        line = (f"epoch {p.epoch} step {p.global_step} | {losses} | lr {values['lr']:.2e} | {clips_per_s:.1f} clips/s "
+                f"{values['frames_per_s']:.0f} frames/s | data wait {100 * values['data_wait_share']:.0f}% | "
+                f"ckpt wait {100 * values['ckpt_wait_share']:.1f}%"
+                + (f" | GPU mem {values['gpu_mem_gib']:.1f} GiB" if "gpu_mem_gib" in values else "")
+                + (f" | {stats['skipped']} non-finite step(s) skipped, {stats['run']} in a row" if stats["skipped"]
+                   else ""))
         self.log.record("train", p.global_step, values, line)
-        self._window = {"steps": 0, "wait_s": 0.0, "start": time.perf_counter()}
+        self._window = {"steps": 0, "wait_s": 0.0, "start": time.perf_counter(), "ckpt_s": self._ckpt_wait_s()}
 
     def evaluate_during_training(self) -> None:
         """Evaluate on the test splits (main rank); saves best.pt only when select_on_test is asked for."""
@@ -317,7 +343,7 @@ class Trainer:
                             f"mAP {results['standard']['mAP']:.3f}")
             if self.cfg.select_on_test and results["standard"]["mAP"] > self.progress.best_map:
                 self.progress.best_map = results["standard"]["mAP"]
-                write_checkpoint_file(self.state(), self.run_dir / "best.pt")
+                self.writer.save(self.state(), path=self.run_dir / "best.pt", reason="best standard mAP")
                 self.log.info(f"best.pt: standard mAP {self.progress.best_map:.4f} (selected on the test set)")
         distributed.barrier()
         self.model.train()
@@ -326,6 +352,10 @@ class Trainer:
         self._exclude_from_window(time.perf_counter() - start)
 
     def close(self) -> None:
-        self.loader.close()
-        self.log.close()
-        distributed.cleanup()
+        try:
+            if self.writer is not None:
+                self.writer.close()  # an in-flight checkpoint finishes before the process ends
+        finally:
+            self.loader.close()
+            self.log.close()
+            distributed.cleanup()

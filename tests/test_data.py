@@ -116,19 +116,26 @@ def test_sampler_draws_tracklets_with_replacement():
     assert sorted(batch[4 * s.identities(0, 0).index(0):][:4]) == [0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_sampler_ranks_are_disjoint_and_cover_the_single_process_batch(world_size):
+def interleave(shares):
+    """The global batch from the ranks' shares: rank r of W holds positions r, r + W, r + 2W, ..."""
+    return [share[i] for i in range(len(shares[0])) for share in shares]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8, 16])
+def test_sampler_ranks_take_cross_sections_of_the_single_process_batch(world_size):
     labels = _labels()
-    single = IdentitySampler(labels, P=8, K=4, seed=5)
-    ranks = [IdentitySampler(labels, P=8, K=4, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
+    P, K = 8, 4
+    single = IdentitySampler(labels, P=P, K=K, seed=5)
+    ranks = [IdentitySampler(labels, P=P, K=K, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
     assert {r.steps_per_epoch for r in ranks} == {single.steps_per_epoch}
+    assert {r.ids_per_rank for r in ranks} == {min(P, P * K // world_size)}
     for epoch in (0, 3):
         for step in range(single.steps_per_epoch):
             shares = [r.batch(epoch, step) for r in ranks]
-            assert all(len(b) == 32 // world_size for b in shares)
-            assert sum(shares, []) == single.batch(epoch, step)  # rank r: the r-th contiguous block
-            id_sets = [set(labels[b]) for b in shares]
-            assert all(a.isdisjoint(b) for i, a in enumerate(id_sets) for b in id_sets[i + 1:])
+            assert all(len(b) == P * K // world_size for b in shares)
+            assert interleave(shares) == single.batch(epoch, step)  # the union is exactly the W = 1 batch
+            # Each share is a cross-section: min(P, P·K/W) identities (not P/W identities of K clips each).
+            assert all(len(set(labels[b])) == min(P, P * K // world_size) for b in shares)
             for r, share in zip(ranks, shares):  # each sample on its own, as a stateless DALI callback sees it
                 assert [r.tracklet_at(epoch, step, i) for i in range(len(share))] == share
 
@@ -161,7 +168,7 @@ def test_train_plan_resumes_and_ranks_compose():
     halves = [TrainPlan(IdentitySampler(labels, 8, 4, seed=3, rank=r, world_size=2), lengths, 8, aug)
               for r in range(2)]
     batch = single.batch(1, 2)
-    assert halves[0].batch(1, 2) + halves[1].batch(1, 2) == batch
+    assert interleave([halves[0].batch(1, 2), halves[1].batch(1, 2)]) == batch  # augmentation included
     assert [halves[1].sample(1, 2, i) for i in range(16)] == halves[1].batch(1, 2)
     assert {c.flip for c in batch} == {False, True} and len({c.crop for c in batch}) > 5
     erased = [c.erase for c in batch if c.erase[2]]

@@ -3,7 +3,8 @@
 Every random choice is a pure function of (seed, epoch, step, global position in the batch), drawn from
 `numpy.random.default_rng([seed, stream, epoch, step, position])`, so any step of any epoch can be recomputed
 on its own: resuming at step s gives exactly the batches s.. of the uninterrupted epoch, and the ranks of a
-distributed run together load exactly the batch a single process would (rank r holds a contiguous block).
+distributed run together load exactly the batch a single process would (rank r of W holds the clips at
+positions r, r + W, r + 2W, ... of it: a cross-section of its identities).
 The loaders (DALI and torch) only execute the `ClipSpec`s made here.
 """
 
@@ -89,9 +90,12 @@ class IdentitySampler:
 
     The identities of an epoch follow one global permutation seeded by (seed, epoch); batch `step` takes the next
     P of them. An epoch longer than ⌊#ids / P⌋ batches chains further permutations (seeded by (seed, epoch, j)),
-    so a batch that straddles two of them may hold an identity twice. Rank r of `world_size`
-    gets the contiguous block of P/world_size identities r·P/W .. (r+1)·P/W - 1 of each batch, so the ranks'
-    shares are disjoint, their union is the single-process batch, and every rank runs the same number of steps.
+    so a batch that straddles two of them may hold an identity twice. The global batch lists its P·K clips
+    identity by identity (K in a row); rank r of W takes the cross-section r, r + W, r + 2W, ... of it, so the
+    ranks' shares are disjoint, their union is the single-process batch, every rank runs the same number of
+    steps, and each share holds min(P, P·K/W) identities: with the paper's 8 × 4 on 8 GPUs, 4 identities of one
+    clip each rather than one identity of 4 clips, whose per-rank BatchNorm statistics would be that identity's
+    own (the neck BN would subtract what cross-entropy needs).
     """
 
     def __init__(self, labels_per_tracklet, P: int, K: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -103,9 +107,10 @@ class IdentitySampler:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not valid for world_size={world_size}")
-        if P % world_size:
-            raise ValueError(f"P={P} identities per batch cannot be split evenly over world_size={world_size} "
-                             f"ranks; use a P divisible by {world_size}")
+        if (P * K) % world_size:
+            raise ValueError(f"a batch of P·K = {P}·{K} = {P * K} clips cannot be split evenly over world_size="
+                             f"{world_size} ranks; choose ids_per_batch and tracklets_per_id with a product "
+                             f"divisible by {world_size}")
         self.ids = np.unique(labels[labels >= 0])  # identity labels, ascending
         self.num_ids = len(self.ids)
         if self.num_ids < P:
@@ -115,8 +120,9 @@ class IdentitySampler:
         self.steps_per_epoch = self.num_ids // P if batches_per_epoch is None else int(batches_per_epoch)
         if self.steps_per_epoch < 1:
             raise ValueError(f"batches_per_epoch must be positive, got {batches_per_epoch}")
-        self.ids_per_rank = P // world_size
-        self.batch_size = self.ids_per_rank * K  # clips per rank and step
+        self.batch_size = P * K // world_size  # clips per rank and step
+        # Identity slots in this rank's share: all P when W < K, else one clip each of P·K/W identities.
+        self.ids_per_rank = len({self.global_position(i) // K for i in range(self.batch_size)})
 
     def _permutation(self, epoch: int, j: int) -> np.ndarray:
         return _permutation(self.seed, epoch, j, self.num_ids)
@@ -138,16 +144,18 @@ class IdentitySampler:
 
     def tracklet_at(self, epoch: int, step: int, i: int) -> int:
         """This rank's sample i of the step (what `batch(epoch, step)[i]` holds), computed on its own."""
-        return self.slot(epoch, step, self.rank * self.ids_per_rank + i // self.K)[i % self.K]
+        g = self.global_position(i)
+        return self.slot(epoch, step, g // self.K)[g % self.K]
 
     def batch(self, epoch: int, step: int) -> list[int]:
-        """This rank's P·K/world_size tracklet indices, identities grouped K consecutive."""
-        first = self.rank * self.ids_per_rank
-        return [t for p in range(first, first + self.ids_per_rank) for t in self.slot(epoch, step, p)]
+        """This rank's P·K/world_size tracklet indices: positions rank, rank + W, ... of the global batch."""
+        positions = [self.global_position(i) for i in range(self.batch_size)]
+        slots = {p: self.slot(epoch, step, p) for p in sorted({g // self.K for g in positions})}
+        return [slots[g // self.K][g % self.K] for g in positions]
 
     def global_position(self, i: int) -> int:
         """Position in the global batch of this rank's sample i."""
-        return self.rank * self.batch_size + i
+        return self.rank + i * self.world_size
 
     def _check(self, epoch: int, step: int) -> None:
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:
