@@ -90,7 +90,7 @@ def test_sigterm_stops_like_ctrl_c(mars_tree, copy_tree, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(prepare_cmd(tree, out, workers=1), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: list(out.rglob("*.tmp")), proc)
+    wait_for(lambda: list(out.rglob("*.tar.*.tmp")), proc)  # a shard being written
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "Traceback" not in err, err
