@@ -95,6 +95,6 @@ def jpeg_problem(data: bytes, path: str) -> str | None:
         return f"{path}: not a JPEG (no SOI marker); replace the file or pass --skip-bad to skip its tracklet"
     # Fast path: nearly every file ends with its EOI marker (zero padding allowed); otherwise walk the markers
     # to tell bytes appended after EOI (fine) from a file cut short (refused).
-    if data.rstrip(b"\0")[-2:] != b"\xff\xd9" and jpeg_end(data) is None:
+    if not data.endswith(b"\xff\xd9") and data.rstrip(b"\0")[-2:] != b"\xff\xd9" and jpeg_end(data) is None:
         return f"{path}: truncated JPEG (it ends before its EOI marker); restore it or pass --skip-bad"
     return None

@@ -17,7 +17,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import queue
 import signal
 import sys
 import threading
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prepare.records import records_dir, save_record
-from prepare.tracklet import PrepareError, Tracklet, jpeg_problem, relative
+from prepare.tracklet import PrepareError, Tracklet, jpeg_problem
 from stenvan import __version__
 from stenvan.shards import (BLOCK, FORMAT_NAME, FORMAT_VERSION, SPLITS, TAR_END, IndexedMember, atomic_write,
                             format_index, frame_member, member_span, padded, seal_manifest, sha256_file, tar_header)
@@ -82,8 +81,8 @@ def plan_shards(tracklets: list[Tracklet], shard_bytes: int, root: str) -> list[
 def _job(group: str, number: int, tracklets: list[Tracklet], metas: list[bytes], root: str) -> ShardJob:
     digest, inputs = hashlib.sha256(), hashlib.sha256()
     for t, meta in zip(tracklets, metas):
-        digest.update(meta)
-        digest.update(repr(([relative(f, root) for f in t.frames], t.sizes)).encode())
+        digest.update(meta)  # key, pid, camera, flags, the frames' folder and names
+        digest.update(repr(t.sizes).encode())
         inputs.update(repr((t.sizes, t.mtimes)).encode())
     return ShardJob(f"{group}-{number:05d}.tar", group, tracklets, digest.hexdigest(), inputs.hexdigest(), metas)
 
@@ -115,43 +114,20 @@ def _init_pool_worker(counter) -> None:
     _init_worker(counter)
 
 
-class _HashingWriter:
-    """Appends chunks to a file and hashes them in a background thread: sha256 and the write release the GIL,
-    so they overlap with reading the next frames. Errors surface at the next `write` or at `close`."""
+_ZEROS = bytes(BLOCK)  # padding to whole blocks is a slice of this
 
-    def __init__(self, f):
-        self.f, self.digest, self.error = f, hashlib.sha256(), None
-        self.chunks: queue.Queue = queue.Queue(maxsize=8)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        while (chunk := self.chunks.get()) is not None:
-            if self.error is None:  # after an error: drain, so that `write` never blocks
-                try:
-                    self.f.write(chunk)
-                    self.digest.update(chunk)
-                except BaseException as e:  # noqa: BLE001 - handed to the writing thread
-                    self.error = e
-
-    def write(self, chunk: bytes) -> None:
-        if self.error is not None:
-            raise self.error
-        self.chunks.put(chunk)
-
-    def close(self) -> str:
-        """Wait for every chunk; the sha256 of all of them."""
-        self.chunks.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.digest.hexdigest()
-
-    def abandon(self) -> None:
-        """Stop the thread after a failure elsewhere (its own error, if any, is dropped)."""
-        self.error = self.error or RuntimeError("abandoned")
-        self.chunks.put(None)
-        self.thread.join()
+def _read_file(path: str, size: int) -> bytes:
+    """The file's bytes, read with the size the scan saw (one read; +1 byte notices a file that grew)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) != size:  # grown, shrunk, or a short read: read on to the end
+            while chunk := os.read(fd, 1 << 20):
+                data += chunk
+        return data
+    finally:
+        os.close(fd)
 
 
 def write_shard(job: ShardJob, out_dir: str, root: str, skip_bad: bool, expect_sha256: str | None = None) -> dict:
@@ -166,42 +142,43 @@ def write_shard(job: ShardJob, out_dir: str, root: str, skip_bad: bool, expect_s
     written, skipped = [], []
     offset = 0
     try:
+        digest = hashlib.sha256()
         with open(tmp, "wb") as f:
-            sink = _HashingWriter(f)
-            try:
-                for t, meta in zip(job.tracklets, job.metas):
-                    frames, problem = [], None
-                    for path in t.frames:
-                        with open(path, "rb") as src:
-                            data = src.read()
-                        problem = jpeg_problem(data, path)
-                        if problem:
-                            break
-                        frames.append(data)
+            for t, meta in zip(job.tracklets, job.metas):
+                frames, problem = [], None
+                for path, size in zip(t.frames, t.sizes):
+                    data = _read_file(path, size)
+                    problem = jpeg_problem(data, path)
                     if problem:
-                        if not skip_bad:
-                            raise PrepareError(problem)
-                        skipped.append({"key": t.key, "group": t.group, "reason": problem})
-                        continue
-                    # One chunk per tracklet: header + data + padding of its JSON member, then of each frame.
-                    names = [f"{t.key}.json"] + [frame_member(t.key, i) for i in range(len(frames))]
-                    parts, members = [], []
-                    for name, data in zip(names, [meta] + frames):
-                        members.append(IndexedMember(name[len(t.key) + 1:], offset + BLOCK, len(data), name))
-                        parts += [tar_header(name, len(data)), data, bytes(padded(len(data)) - len(data))]
-                        offset += BLOCK + padded(len(data))
-                    sink.write(b"".join(parts))
-                    samples.append(members)
-                    written.append(t.key)
-                    if _frames_done is not None:
-                        with _frames_done.get_lock():
-                            _frames_done.value += len(frames)
-                sink.write(TAR_END)
-            except BaseException:
-                sink.abandon()
-                raise
-            sha256 = sink.close()
+                        break
+                    frames.append(data)
+                if problem:
+                    if not skip_bad:
+                        raise PrepareError(problem)
+                    skipped.append({"key": t.key, "group": t.group, "reason": problem})
+                    continue
+                # One chunk per tracklet: header + data + padding of its JSON member, then of each frame.
+                names = [f"{t.key}.json"] + [frame_member(t.key, i) for i in range(len(frames))]
+                parts, members, skip = [], [], len(t.key) + 1
+                for name, data in zip(names, [meta] + frames):
+                    size = len(data)
+                    pad = padded(size) - size
+                    members.append(IndexedMember(name[skip:], offset + BLOCK, size, name))
+                    parts += (tar_header(name, size), data, _ZEROS[:pad])
+                    offset += BLOCK + size + pad
+                chunk = b"".join(parts)
+                f.write(chunk)
+                digest.update(chunk)
+                samples.append(members)
+                written.append(t.key)
+                if _frames_done is not None:
+                    with _frames_done.get_lock():
+                        _frames_done.value += len(frames)
+            f.write(TAR_END)
+            digest.update(TAR_END)
+            f.flush()
             os.fsync(f.fileno())
+        sha256 = digest.hexdigest()
         if not samples:
             raise PrepareError(f"{job.name}: every tracklet of this shard was skipped as bad; see the messages above")
         if expect_sha256 is not None and sha256 != expect_sha256:

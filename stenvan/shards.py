@@ -11,8 +11,8 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 FORMAT_NAME = "stenvan-shards"
 FORMAT_VERSION = 2
@@ -80,8 +80,7 @@ TAR_END = bytes(2 * BLOCK)  # two zero blocks end a tar archive
 # Index files (DALI's `.idx`, so `fn.readers.webdataset` reads the shards without inferring an index)
 # ----------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class IndexedMember:
+class IndexedMember(NamedTuple):  # a NamedTuple: built once per frame by the writer and the readers
     ext: str  # e.g. "json" or "00003.jpg"
     offset: int  # byte offset of the member's data (not its header) in the tar
     size: int  # data size in bytes
