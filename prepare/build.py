@@ -42,8 +42,8 @@ def prepare_dataset(dataset: str, tracklets: list[Tracklet], skipped: list[dict]
         jobs = plan_shards(tracklets, shard_bytes, root)
         options = {"shard_bytes": shard_bytes, "skip_bad": skip_bad}
         if (out / MANIFEST).exists():
-            return _rerun_finished(dataset, jobs, skipped, out, root, options, workers)
-        return _build(dataset, jobs, skipped, out, root, options, workers)
+            return _rerun_finished(dataset, jobs, skipped, out, options, workers)
+        return _build(dataset, jobs, skipped, out, options, workers)
     finally:
         if records_dir(out).is_dir():
             clean_temp(out)  # of a failed or interrupted write: only inside our own records folder
@@ -64,8 +64,7 @@ def _summary(dataset: str, manifest: dict, out: Path, what: str) -> None:
             f"manifest.json lists each under 'skipped'")
 
 
-def _build(dataset: str, jobs: list[ShardJob], skipped: list[dict], out: Path, root: str, options: dict,
-           workers: int) -> dict:
+def _build(dataset: str, jobs: list[ShardJob], skipped: list[dict], out: Path, options: dict, workers: int) -> dict:
     """A new dataset, or the continuation of an unfinished run."""
     run = load_run(out)
     if run is not None and run["dataset"] != dataset:
@@ -89,7 +88,7 @@ def _build(dataset: str, jobs: list[ShardJob], skipped: list[dict], out: Path, r
     if kept:
         log(f"resuming, {len(kept)} of {len(jobs)} shards already written and verified")
     start = time.perf_counter()
-    fresh = run_jobs(todo, str(out), root, options["skip_bad"], workers, total,
+    fresh = run_jobs(todo, str(out), options["skip_bad"], workers, total,
                      sum(j.num_frames for j in jobs if j.name in kept))
     seconds = time.perf_counter() - start
     manifest = build_manifest(dataset, jobs, {**kept, **{r["name"]: r for r in fresh}}, skipped)
@@ -109,7 +108,7 @@ def _refuse_change(out: Path, reason: str) -> PrepareError:
                         f"into a new folder (and switch to it when it is done), or delete {out} and rerun")
 
 
-def _rerun_finished(dataset: str, jobs: list[ShardJob], skipped: list[dict], out: Path, root: str, options: dict,
+def _rerun_finished(dataset: str, jobs: list[ShardJob], skipped: list[dict], out: Path, options: dict,
                     workers: int) -> dict:
     """The same command on a finished dataset: verify it, restore damaged files, refuse any real change."""
     try:
@@ -146,7 +145,7 @@ def _rerun_finished(dataset: str, jobs: list[ShardJob], skipped: list[dict], out
     if redo:
         log(f"checking {len(redo)} shards against the input ({len(damaged)} damaged, "
             f"{len(redo) - len(damaged)} with changed frame times)")
-        results = run_jobs(redo, str(out), root, options["skip_bad"], workers, sum(j.num_frames for j in redo), 0,
+        results = run_jobs(redo, str(out), options["skip_bad"], workers, sum(j.num_frames for j in redo), 0,
                            expect={j.name: records[j.name]["sha256"] for j in redo})
         changed = [r["name"] for r in results if r.get("mismatch")]
         if changed:

@@ -73,12 +73,12 @@ def plan_shards(tracklets: list[Tracklet], shard_bytes: int, root: str) -> list[
                 current_bytes = len(TAR_END)
             shards[-1] += run
             current_bytes += run_bytes
-        jobs += [_job(group, number, members, [metas[id(t)] for t in members], root)
+        jobs += [_job(group, number, members, [metas[id(t)] for t in members])
                  for number, members in enumerate(shards) if members]
     return jobs
 
 
-def _job(group: str, number: int, tracklets: list[Tracklet], metas: list[bytes], root: str) -> ShardJob:
+def _job(group: str, number: int, tracklets: list[Tracklet], metas: list[bytes]) -> ShardJob:
     digest, inputs = hashlib.sha256(), hashlib.sha256()
     for t, meta in zip(tracklets, metas):
         digest.update(meta)  # key, pid, camera, flags, the frames' folder and names
@@ -130,7 +130,7 @@ def _read_file(path: str, size: int) -> bytes:
         os.close(fd)
 
 
-def write_shard(job: ShardJob, out_dir: str, root: str, skip_bad: bool, expect_sha256: str | None = None) -> dict:
+def write_shard(job: ShardJob, out_dir: str, skip_bad: bool, expect_sha256: str | None = None) -> dict:
     """Write one shard and its index atomically; return its record.
 
     With `expect_sha256` (repairing a finished dataset), the shard is put in place only if its bytes come out
@@ -226,7 +226,7 @@ def check_intact(records: list[dict], out_dir: str, workers: int) -> list[bool]:
         return pool.map(_intact_star, [(r, out_dir) for r in records])
 
 
-def run_jobs(jobs: list[ShardJob], out_dir: str, root: str, skip_bad: bool, workers: int, total_frames: int,
+def run_jobs(jobs: list[ShardJob], out_dir: str, skip_bad: bool, workers: int, total_frames: int,
              done_frames: int, expect: dict[str, str] | None = None) -> list[dict]:
     """write_shard for every job, by up to `workers` processes, with a progress bar over all frames."""
     from tqdm import tqdm
@@ -247,10 +247,10 @@ def run_jobs(jobs: list[ShardJob], out_dir: str, root: str, skip_bad: bool, work
     try:
         if workers <= 1 or len(jobs) <= 1:
             _init_worker(counter)
-            return [write_shard(job, out_dir, root, skip_bad, expect.get(job.name)) for job in jobs]
+            return [write_shard(job, out_dir, skip_bad, expect.get(job.name)) for job in jobs]
         with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_init_pool_worker,
                                          initargs=(counter,)) as pool:
-            async_results = [pool.apply_async(write_shard, (job, out_dir, root, skip_bad, expect.get(job.name)))
+            async_results = [pool.apply_async(write_shard, (job, out_dir, skip_bad, expect.get(job.name)))
                              for job in jobs]
             return [r.get() for r in async_results]
     finally:
