@@ -14,7 +14,7 @@ from benchmarks.common import RESULTS_DIR
 OUT = Path(__file__).resolve().parent / "RESULTS.md"
 # Columns worth showing per benchmark (the JSON lines keep everything).
 COLUMNS = {
-    "prepare": ["workers", "frames", "frames_per_s", "mb_per_s", "ratio_to_copy"],
+    "prepare": ["workers", "shard_bytes", "frames", "frames_per_s", "mb_per_s", "ratio_to_stream", "ratio_to_copy"],
     "non_local": ["shape", "attention", "batch", "dtype", "median_s", "peak_mem_mib", "sdpa_backend",
                   "speedup_vs_reference", "memory_ratio_vs_reference"],
     "loader": ["size", "batch", "workers", "clips_per_s", "frames_per_s", "vs_original", "data_wait_share"],
@@ -37,7 +37,7 @@ the same run.
 
 def _key(row: dict) -> tuple:
     ident = [row.get("device"), row.get("variant")]
-    for extra in ("arch", "shape", "size", "workers", "batch"):
+    for extra in ("arch", "shape", "size", "workers", "shard_bytes", "batch"):
         if extra in row:
             ident.append(row[extra])
     return tuple(str(i) for i in ident)

@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
+import signal
 import sys
 
 from prepare.tracklet import PrepareError
@@ -85,13 +87,50 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to do about an OSError, by errno (the message names the file from the error itself).
+OS_ADVICE = {errno.ENOSPC: "the disk is full: free some space, then rerun the same command (finished shards are kept)",
+             errno.EDQUOT: "the disk quota is exhausted: free some space, then rerun the same command",
+             errno.EROFS: "the filesystem is read-only: choose another --out",
+             errno.EACCES: "permission denied: choose another --out, or fix the permissions",
+             errno.EPERM: "operation not permitted: choose another --out, or fix the permissions",
+             errno.ENOTDIR: "a part of this path is not a folder: check the path",
+             errno.EISDIR: "this is a folder, not a file: check the path",
+             errno.EIO: "an I/O error: check the disk, then rerun the same command"}
+
+
+def describe_os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}; {OS_ADVICE.get(e.errno, 'check the path and rerun the same command')}"
+
+
+class Stopped(Exception):
+    """SIGTERM (a scheduler, `kill`): stop like Ctrl-C, cleanly."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Stopped()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if args.command in ("mars", "dukev") else None
     try:
         return _run(args)
     except (PrepareError, ShardFormatError, FileExistsError, ValueError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"prepare: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Stopped) as e:
+        signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        resume = (" Finished shards are kept: rerun the same command to continue where it stopped."
+                  if args.command in ("mars", "dukev") else "")
+        print(f"prepare: interrupted by {signal.Signals(signum).name}.{resume}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _synthetic(args) -> int:
@@ -130,7 +169,7 @@ def _run(args) -> int:
     if args.command == "synthetic":
         return _synthetic(args)
     if args.command in ("mars", "dukev"):
-        from prepare.writer import prepare_dataset
+        from prepare.build import prepare_dataset
 
         if args.workers < 1:
             raise PrepareError("--workers must be at least 1")

@@ -1,7 +1,10 @@
 """Read a DukeMTMC-VideoReID tree (train/, query/, gallery/, each <PPPP>/<TTTT>/frames) into tracklets.
 
-Frames are `PPPP_Cc_Fffff_Xnnnnnn.jpg`: identity, camera, 1-based contiguous frame index inside the
-tracklet, original video frame number. The gallery already holds every query tracklet (design §2, §5).
+Frames are `PPPP_Cc_Fffff_Xnnnnnn.jpg`: identity, camera, frame index inside the tracklet, original video
+frame number. The archive as distributed has two quirks, both accepted (torchreid's reader handles them too):
+some tracklets start at F0002 (or later) instead of F0001, and some frames use an older naming without
+underscores, `0001C6F0099X30823.jpg`. Frames are ordered by their index, which must run without gaps or
+repeats from the tracklet's first frame. The gallery already holds every query tracklet (design §2, §5).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import re
 
 from prepare.tracklet import PrepareError, Tracklet, stat_frames
 
-NAME = re.compile(r"^(\d{4})_C(\d)_F(\d{4})_X(\d+)\.jpg$")
+# PPPP_Cc_Fffff_Xn.jpg or the older PPPPCcFffffXn.jpg (group 2 is the separator, the same throughout a name).
+NAME = re.compile(r"^(\d{4})(_?)C(\d)\2F(\d{4})\2X(\d+)\.jpg$")
 SPLITS = ("train", "query", "gallery")
 
 
@@ -31,25 +35,30 @@ def _tracklet(folder: str, pid: str, number: str, split: str) -> tuple[Tracklet 
     parsed = [NAME.match(f) for f in files]
     if not all(parsed):
         bad = files[[m is None for m in parsed].index(True)]
-        return None, f"{os.path.join(folder, bad)}: not a DukeV frame name (PPPP_Cc_Fffff_Xn.jpg)"
+        return None, (f"{os.path.join(folder, bad)}: not a DukeV frame name (PPPP_Cc_Fffff_Xn.jpg or the older "
+                      "PPPPCcFffffXn.jpg)")
     if {m.group(1) for m in parsed} != {pid}:
         return None, f"{folder}: frames name identities {sorted({m.group(1) for m in parsed})}, the folder says {pid}"
-    cameras = {m.group(2) for m in parsed}
+    cameras = {m.group(3) for m in parsed}
     if len(cameras) != 1:
         return None, f"{folder}: frames come from cameras {sorted(cameras)}; a tracklet has one camera"
-    indices = sorted(int(m.group(3)) for m in parsed)
-    if indices != list(range(1, len(indices) + 1)):
-        missing = sorted(set(range(1, indices[-1] + 1)) - set(indices))[:5]
-        return None, (f"{folder}: frame indices F0001..F{indices[-1]:04d} have gaps or repeats (missing {missing});"
-                      " restore the frames")
-    by_index = {int(m.group(3)): os.path.join(folder, m.group(0)) for m in parsed}
+    indices = sorted(int(m.group(4)) for m in parsed)
+    first, last = indices[0], indices[-1]
+    if indices != list(range(first, first + len(indices))):
+        missing = sorted(set(range(first, last + 1)) - set(indices))
+        repeated = sorted({i for i, j in zip(indices, indices[1:]) if i == j})
+        return None, (f"{folder}: frame indices F{first:04d}..F{last:04d} have gaps or repeats (missing "
+                      f"{['F%04d' % i for i in missing[:5]]}, repeated {['F%04d' % i for i in repeated[:5]]}); "
+                      "restore the frames")
+    by_index = {int(m.group(4)): os.path.join(folder, m.group(0)) for m in parsed}
     paths = [by_index[i] for i in indices]
-    sizes = stat_frames(paths)
-    if isinstance(sizes, str):
-        return None, sizes
+    stats = stat_frames(paths)
+    if isinstance(stats, str):
+        return None, stats
     camid = int(cameras.pop())
     key = f"{pid}_C{camid}_T{number}"
-    return Tracklet(key=key, group=split, pid=int(pid), camid=camid, frames=paths, sizes=sizes, splits=(split,)), None
+    return Tracklet(key=key, group=split, pid=int(pid), camid=camid, frames=paths, sizes=stats[0], mtimes=stats[1],
+                    splits=(split,)), None
 
 
 def scan_dukev(data_dir: str, skip_bad: bool = False) -> tuple[list[Tracklet], list[dict]]:

@@ -91,9 +91,9 @@ def _tracklets(rows, names, image_dir: str, group: str, splits_of, skip_bad: boo
                            f" the info row says identity {pid} camera {cam}")
         key = frame_names[0][:11] if parsed[0] else f"row{row}"
         paths = [os.path.join(image_dir, n[:4], n) for n in frame_names]
-        sizes = stat_frames(paths) if problem is None else problem
-        if isinstance(sizes, str):
-            problem = sizes
+        stats = stat_frames(paths) if problem is None else problem
+        if isinstance(stats, str):
+            problem = stats
         if problem is not None:
             message = f"{image_dir} (info row {row}): {problem}"
             if not skip_bad:
@@ -102,8 +102,8 @@ def _tracklets(rows, names, image_dir: str, group: str, splits_of, skip_bad: boo
             skipped.append({"key": key, "group": group, "reason": message})
             continue
         splits, flags = splits_of(row, pid)
-        out.append(Tracklet(key=key, group=group, pid=pid, camid=cam, frames=paths, sizes=sizes, splits=splits,
-                            flags=flags))
+        out.append(Tracklet(key=key, group=group, pid=pid, camid=cam, frames=paths, sizes=stats[0],
+                            mtimes=stats[1], splits=splits, flags=flags))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 
@@ -18,25 +19,72 @@ class Tracklet:
     camid: int  # camera, 1-based as in the file names
     frames: list[str]  # source frame paths, in temporal order
     sizes: list[int]  # their sizes in bytes (from stat), used to plan shards
+    mtimes: list[int]  # their modification times (ns, from stat): a rerun's quick check for changed input
     splits: tuple[str, ...]  # manifest splits it belongs to: ("train",), ("gallery",), ("query", "gallery"), ...
     flags: dict = field(default_factory=dict)  # "junk", "distractor", "query" markers for evaluation
 
     def metadata(self, root: str) -> dict:
         """The tracklet's JSON member: everything but shard placement. Paths relative to the dataset root."""
         return {"key": self.key, "pid": self.pid, "camid": self.camid, "num_frames": len(self.frames),
-                "frames": [os.path.basename(p) for p in self.frames],
-                "source": os.path.relpath(os.path.dirname(self.frames[0]), root), **self.flags}
+                "frames": [p.rsplit(os.sep, 1)[-1] for p in self.frames],
+                "source": relative(os.path.dirname(self.frames[0]), root), **self.flags}
 
 
-def stat_frames(paths: list[str]) -> list[int] | str:
-    """File sizes, or a problem string naming the first missing file."""
-    sizes = []
+def relative(path: str, root: str) -> str:
+    """os.path.relpath(path, root) for a path the readers built as os.path.join(root, ...), without its cost
+    (called for every frame of the dataset)."""
+    prefix = root.rstrip(os.sep) + os.sep
+    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+
+
+def stat_frames(paths: list[str]) -> tuple[list[int], list[int]] | str:
+    """File sizes and modification times (ns), or a problem string naming the first missing file."""
+    sizes, mtimes = [], []
     for path in paths:
         try:
-            sizes.append(os.stat(path).st_size)
+            st = os.stat(path)
         except FileNotFoundError:
             return f"{path}: listed frame does not exist; restore the file or pass --skip-bad to skip its tracklet"
-    return sizes
+        sizes.append(st.st_size)
+        mtimes.append(st.st_mtime_ns)
+    return sizes, mtimes
+
+
+# After a start-of-scan segment: the next marker that is neither a stuffed 0xFF00 nor a restart marker RSTn.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length field (TEM, RST0..7)
+
+
+def jpeg_end(data: bytes) -> int | None:
+    """Offset just past the EOI marker, found by walking the marker segments (SOI, headers, scans...), or None
+    if the data ends first (truncated) or the structure is broken. Bytes after EOI do not matter, and an EOI
+    inside a header segment (an EXIF thumbnail's) is stepped over with its segment."""
+    pos, n = 2, len(data)
+    while pos + 2 <= n:
+        if data[pos] != 0xFF:
+            return None
+        while pos + 1 < n and data[pos + 1] == 0xFF:  # fill bytes before a marker
+            pos += 1
+        if pos + 2 > n:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI
+            return pos + 2
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if pos + 4 > n:
+            return None
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if end > n:
+            return None
+        pos = end
+        if marker == 0xDA:  # SOS: entropy-coded data runs to the next real marker
+            found = _NEXT_MARKER.search(data, pos)
+            if found is None:
+                return None
+            pos = found.start()
+    return None
 
 
 def jpeg_problem(data: bytes, path: str) -> str | None:
@@ -45,6 +93,8 @@ def jpeg_problem(data: bytes, path: str) -> str | None:
         return f"{path}: zero-byte frame; restore the file or pass --skip-bad to skip its tracklet"
     if data[:3] != b"\xff\xd8\xff":
         return f"{path}: not a JPEG (no SOI marker); replace the file or pass --skip-bad to skip its tracklet"
-    if data.rstrip(b"\0")[-2:] != b"\xff\xd9":
-        return f"{path}: truncated JPEG (no EOI marker at the end); restore it or pass --skip-bad"
+    # Fast path: nearly every file ends with its EOI marker (zero padding allowed); otherwise walk the markers
+    # to tell bytes appended after EOI (fine) from a file cut short (refused).
+    if not data.endswith(b"\xff\xd9") and data.rstrip(b"\0")[-2:] != b"\xff\xd9" and jpeg_end(data) is None:
+        return f"{path}: truncated JPEG (it ends before its EOI marker); restore it or pass --skip-bad"
     return None

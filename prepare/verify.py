@@ -1,8 +1,11 @@
 """`python -m prepare verify DIR [--deep]`: check a prepared dataset against its manifest.
 
-Checks every shard's size and sha256, every index against the tar headers it describes, and the manifest's
-counts and tracklet placements against the indexes; `--deep` also reads every tracklet's JSON member and
-decodes every frame. Returns one line per problem (an empty list means the dataset is sound).
+Checks the manifest's structure and content hash (`load_manifest`), every shard's size and sha256, every index
+against the tar headers it describes, and the manifest's counts and tracklet placements against the indexes.
+Every manifest entry is compared with the tracklet's JSON member in its shard (key, pid, camera, frame count,
+query/junk/distractor flags), every sample must belong to a split, each split must live in the shard group
+its dataset puts it in, train labels must follow the pids, and the query marks must agree between splits.
+`--deep` also decodes every frame. Returns one line per problem (an empty list means the dataset is sound).
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import mmap
 import os
 from pathlib import Path
 
-from stenvan.shards import BLOCK, SPLITS, ShardFormatError, load_manifest, padded, read_index, sha256_file
+from stenvan.shards import (BLOCK, SPLIT_GROUPS, SPLITS, ShardFormatError, load_manifest, padded, read_index,
+                            sha256_file)
+
+FLAGS = ("query", "junk", "distractor")
 
 
 def walk_tar(buf) -> list[tuple[str, int, int]]:
@@ -34,7 +40,8 @@ def walk_tar(buf) -> list[tuple[str, int, int]]:
     return members
 
 
-def _check_shard(directory: Path, shard: dict, deep: bool, problems: list[str]) -> list | None:
+def _check_shard(directory: Path, shard: dict, deep: bool, problems: list[str]) -> tuple[list, list] | None:
+    """(index samples, the JSON member of each sample or None) of a shard, or None if it cannot be read."""
     tar, idx = directory / shard["name"], directory / shard["index"]
     if not tar.is_file():
         problems.append(f"{tar}: shard missing; rerun the prepare command to rewrite it")
@@ -56,32 +63,39 @@ def _check_shard(directory: Path, shard: dict, deep: bool, problems: list[str]) 
             members = walk_tar(buf)
         except ValueError as e:
             problems.append(f"{tar}: {e}; rerun prepare")
-            return samples
+            return None
         indexed = [(m.name, m.offset, m.size) for s in samples for m in s]
         if members != indexed:
             first = next((i for i, (a, b) in enumerate(zip(members, indexed)) if a != b), min(len(members), len(indexed)))
             problems.append(f"{idx}: disagrees with the tar headers of {tar.name} from member {first} on; rerun prepare")
+            return None
         if len(samples) != shard["num_tracklets"] or sum(len(s) - 1 for s in samples) != shard["num_frames"]:
             problems.append(f"{idx}: {len(samples)} tracklets / {sum(len(s) - 1 for s in samples)} frames, the "
                             f"manifest says {shard['num_tracklets']} / {shard['num_frames']}")
+        metas = [_read_json(tar, buf, members, problems) for members in samples]
         if deep:
             _decode_all(tar, buf, samples, problems)
-    return samples
+    return samples, metas
+
+
+def _read_json(tar: Path, buf, members, problems: list[str]) -> dict | None:
+    meta = members[0]
+    try:
+        info = json.loads(bytes(buf[meta.offset:meta.offset + meta.size]))
+        if not isinstance(info, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        problems.append(f"{tar}: member {meta.name} is not a JSON object")
+        return None
+    if info.get("num_frames") != len(members) - 1:
+        problems.append(f"{tar}: {meta.name} says {info.get('num_frames')} frames, the shard holds {len(members) - 1}")
+    return info
 
 
 def _decode_all(tar: Path, buf, samples, problems: list[str]) -> None:
     from PIL import Image
 
     for members in samples:
-        meta = members[0]
-        try:
-            info = json.loads(bytes(buf[meta.offset:meta.offset + meta.size]))
-        except (ValueError, UnicodeDecodeError):
-            problems.append(f"{tar}: member {meta.name} is not valid JSON")
-            continue
-        if info.get("num_frames") != len(members) - 1:
-            problems.append(f"{tar}: {meta.name} says {info.get('num_frames')} frames, the shard holds "
-                            f"{len(members) - 1}")
         for m in members[1:]:
             try:
                 with Image.open(io.BytesIO(bytes(buf[m.offset:m.offset + m.size]))) as image:
@@ -90,35 +104,94 @@ def _decode_all(tar: Path, buf, samples, problems: list[str]) -> None:
                 problems.append(f"{tar}: frame {m.name} does not decode ({e})")
 
 
+def _check_entry(directory: Path, split: str, e: dict, shard: dict | None, read, problems: list[str]) -> None:
+    """One manifest entry against its shard group, its index sample and its JSON member."""
+    where = f"{directory / 'manifest.json'}: {split} tracklet {e['key']}"
+    if shard is None:
+        problems.append(f"{where} names shard {e['shard']}, which the manifest does not list")
+        return
+    if read is None:
+        return  # the shard's own problem is reported already
+    samples, metas = read
+    if not 0 <= e["sample"] < len(samples) or samples[e["sample"]][0].name != f"{e['key']}.json":
+        problems.append(f"{directory / e['shard']}: sample {e['sample']} is not tracklet {e['key']}")
+        return
+    if len(samples[e["sample"]]) - 1 != e["num_frames"]:
+        problems.append(f"{directory / e['shard']}: tracklet {e['key']} holds {len(samples[e['sample']]) - 1} "
+                        f"frames, the manifest says {e['num_frames']}")
+    meta = metas[e["sample"]]
+    if meta is None:
+        return
+    differ = [f"{f} {e.get(f)!r} (shard: {meta.get(f)!r})" for f in ("key", "pid", "camid", "num_frames")
+              if meta.get(f) != e.get(f)]
+    differ += [f"{f} {bool(e.get(f))} (shard: {bool(meta.get(f))})" for f in FLAGS
+               if bool(meta.get(f)) != bool(e.get(f))]
+    if differ:
+        problems.append(f"{where}: the manifest says {', '.join(differ)}; the manifest was edited or is wrong, "
+                        "rerun prepare")
+
+
 def verify(directory: str | os.PathLike, deep: bool = False) -> list[str]:
     directory = Path(directory)
+    path = directory / "manifest.json"
     problems: list[str] = []
     try:
         manifest = load_manifest(directory)
     except ShardFormatError as e:
         return [str(e)]
-    indexes = {s["name"]: _check_shard(directory, s, deep, problems) for s in manifest["shards"]}
+    shards = {s["name"]: s for s in manifest["shards"]}
+    reads = {name: _check_shard(directory, s, deep, problems) for name, s in shards.items()}
+    groups = SPLIT_GROUPS[manifest["dataset"]]
+    placed: dict[tuple[str, int], set[str]] = {}
     for split in SPLITS:
-        info = manifest["splits"].get(split)
-        if info is None:
-            problems.append(f"{directory / 'manifest.json'}: split {split!r} missing")
-            continue
+        info = manifest["splits"][split]
         entries = info["tracklets"]
         counts = {"num_tracklets": len(entries), "num_frames": sum(e["num_frames"] for e in entries),
                   "num_ids": len({e["pid"] for e in entries if e["pid"] > 0})}
         for field, value in counts.items():
-            if info.get(field) != value:
-                problems.append(f"{directory / 'manifest.json'}: {split}.{field} is {info.get(field)}, its tracklet "
-                                f"list gives {value}")
+            if info[field] != value:
+                problems.append(f"{path}: {split}.{field} is {info[field]}, its tracklet list gives {value}")
         for e in entries:
-            samples = indexes.get(e["shard"], "unknown")
-            if samples == "unknown":
-                problems.append(f"{directory / 'manifest.json'}: {split} tracklet {e['key']} names shard "
-                                f"{e['shard']}, which the manifest does not list")
-            elif samples is not None:
-                if not 0 <= e["sample"] < len(samples) or samples[e["sample"]][0].name != f"{e['key']}.json":
-                    problems.append(f"{directory / e['shard']}: sample {e['sample']} is not tracklet {e['key']}")
-                elif len(samples[e["sample"]]) - 1 != e["num_frames"]:
-                    problems.append(f"{directory / e['shard']}: tracklet {e['key']} holds "
-                                    f"{len(samples[e['sample']]) - 1} frames, the manifest says {e['num_frames']}")
+            shard = shards.get(e["shard"])
+            if shard is not None and shard["group"] != groups[split]:
+                problems.append(f"{path}: {split} tracklet {e['key']} is in {e['shard']}, but a {manifest['dataset']}"
+                                f" {split} tracklet lives in the {groups[split]!r} shards (was 'dataset' edited?)")
+            _check_entry(directory, split, e, shard, reads.get(e["shard"]), problems)
+            spot = (e["shard"], e["sample"])
+            if split in placed.get(spot, ()):
+                problems.append(f"{path}: {split} lists tracklet {e['key']} ({e['shard']} sample {e['sample']}) twice")
+            placed.setdefault(spot, set()).add(split)
+    for name, read in reads.items():
+        for sample, members in enumerate(read[0] if read else []):
+            if (name, sample) not in placed:
+                problems.append(f"{directory / name}: sample {sample} ({members[0].name}) is in no split of the "
+                                "manifest: an entry was dropped; rerun prepare")
+    _check_labels(path, manifest["splits"]["train"], problems)
+    _check_queries(path, manifest, problems)
     return problems
+
+
+def _check_labels(path: Path, train: dict, problems: list[str]) -> None:
+    """Train labels are 0..n-1 in ascending pid order, the same in the label map and in every entry."""
+    expected = {pid: label for label, pid in enumerate(sorted({e["pid"] for e in train["tracklets"]}))}
+    if train["labels"] != {str(pid): label for pid, label in expected.items()}:
+        problems.append(f"{path}: train.labels is not the ascending-pid numbering of the train identities")
+    wrong = [e["key"] for e in train["tracklets"] if e["label"] != expected[e["pid"]]]
+    if wrong:
+        problems.append(f"{path}: train tracklets {wrong[:3]} carry labels that do not follow their pids")
+
+
+def _check_queries(path: Path, manifest: dict, problems: list[str]) -> None:
+    """MARS: the query split is exactly the gallery tracklets marked query. DukeV: a gallery tracklet marked
+    query has its query copy (same key) in the query split, unless --skip-bad left that copy out."""
+    query, gallery = manifest["splits"]["query"]["tracklets"], manifest["splits"]["gallery"]["tracklets"]
+    if manifest["dataset"] == "mars":
+        marked = {(e["shard"], e["sample"]) for e in gallery if e.get("query")}
+        if {(e["shard"], e["sample"]) for e in query} != marked:
+            problems.append(f"{path}: the query split is not the set of gallery tracklets marked query")
+    else:  # (a query copy that --skip-bad left out leaves its gallery copy marked)
+        missing = {e["key"] for e in gallery if e.get("query")} - {e["key"] for e in query}
+        missing -= {s["key"] for s in manifest["skipped"] if s["group"] == "query"}
+        if missing:
+            problems.append(f"{path}: gallery tracklets {sorted(missing)[:3]} are marked query but the query split "
+                            "does not hold them")

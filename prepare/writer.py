@@ -4,35 +4,30 @@ Plan → write → manifest:
 - The plan packs tracklets into shards of at most `shard_bytes` per shard group, from file sizes alone,
   never splitting a tracklet or a run of consecutive tracklets of one identity (the datasets list an
   identity's tracklets together); the same input always gives the same plan.
-- Each shard is written to a temporary file and renamed; then its index; then a progress record with its
-  sha256. A rerun keeps every shard whose record, plan fingerprint and sha256 still match, and rewrites
-  the rest, so a killed run resumes and ends with the bytes of an uninterrupted one.
-- The manifest is written last: its presence means the dataset is complete.
+- Each shard and its index are written to temporary files in `.prepare/`, then its record (sha256, plan and
+  input fingerprints, see `prepare.records`), then both are renamed into place. A killed run leaves only
+  finished shards under their final names; a rerun keeps those whose record still matches and writes the rest.
+- The manifest is written last: its presence means the dataset is complete. The rerun of a finished dataset
+  (`prepare.build`) never changes it piecemeal.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
-import shutil
+import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from prepare.records import records_dir, save_record
 from prepare.tracklet import PrepareError, Tracklet, jpeg_problem
 from stenvan import __version__
-from stenvan.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SPLITS, TAR_END, IndexedMember, atomic_write,
-                            dump_json, format_index, frame_member, load_manifest, member_span, padded, sha256_file,
-                            tar_header)
-
-PROGRESS_DIR = ".progress"  # per-shard completion records of an unfinished run
-SHARD_NAME = re.compile(r"^(train|test|query|gallery)-\d{5}\.(tar|idx)$")
+from stenvan.shards import (BLOCK, FORMAT_NAME, FORMAT_VERSION, SPLITS, TAR_END, IndexedMember, atomic_write,
+                            format_index, frame_member, member_span, padded, seal_manifest, sha256_file, tar_header)
 
 
 @dataclass
@@ -41,6 +36,8 @@ class ShardJob:
     group: str
     tracklets: list[Tracklet]
     fingerprint: str  # sha256 of what the plan puts in the shard: names, sizes, metadata
+    inputs: str  # sha256 of its frames' sizes and modification times: a changed input file changes it
+    metas: list[bytes]  # each tracklet's JSON member
 
     @property
     def index_name(self) -> str:
@@ -58,6 +55,7 @@ def _member_json(t: Tracklet, root: str) -> bytes:
 def plan_shards(tracklets: list[Tracklet], shard_bytes: int, root: str) -> list[ShardJob]:
     """Pack tracklets into shards group by group; an identity's consecutive tracklets stay in one shard."""
     jobs: list[ShardJob] = []
+    metas = {id(t): _member_json(t, root) for t in tracklets}
     groups = list(dict.fromkeys(t.group for t in tracklets))
     for group in groups:
         runs: list[list[Tracklet]] = []  # consecutive tracklets of one identity
@@ -69,23 +67,24 @@ def plan_shards(tracklets: list[Tracklet], shard_bytes: int, root: str) -> list[
         shards: list[list[Tracklet]] = [[]]
         current_bytes = len(TAR_END)
         for run in runs:
-            run_bytes = sum(member_span(len(_member_json(t, root))) + sum(member_span(s) for s in t.sizes)
-                            for t in run)
+            run_bytes = sum(member_span(len(metas[id(t)])) + sum(member_span(s) for s in t.sizes) for t in run)
             if shards[-1] and current_bytes + run_bytes > shard_bytes:
                 shards.append([])
                 current_bytes = len(TAR_END)
             shards[-1] += run
             current_bytes += run_bytes
-        jobs += [_job(group, number, members, root) for number, members in enumerate(shards) if members]
+        jobs += [_job(group, number, members, [metas[id(t)] for t in members])
+                 for number, members in enumerate(shards) if members]
     return jobs
 
 
-def _job(group: str, number: int, tracklets: list[Tracklet], root: str) -> ShardJob:
-    digest = hashlib.sha256()
-    for t in tracklets:
-        digest.update(_member_json(t, root))
-        digest.update(repr(([os.path.relpath(f, root) for f in t.frames], t.sizes)).encode())
-    return ShardJob(f"{group}-{number:05d}.tar", group, tracklets, digest.hexdigest())
+def _job(group: str, number: int, tracklets: list[Tracklet], metas: list[bytes]) -> ShardJob:
+    digest, inputs = hashlib.sha256(), hashlib.sha256()
+    for t, meta in zip(tracklets, metas):
+        digest.update(meta)  # key, pid, camera, flags, the frames' folder and names
+        digest.update(repr(t.sizes).encode())
+        inputs.update(repr((t.sizes, t.mtimes)).encode())
+    return ShardJob(f"{group}-{number:05d}.tar", group, tracklets, digest.hexdigest(), inputs.hexdigest(), metas)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,28 +99,55 @@ def _init_worker(counter) -> None:
     _frames_done = counter
 
 
-def write_shard(job: ShardJob, out_dir: str, root: str, skip_bad: bool) -> dict:
-    """Write one shard and its index atomically; return its progress record."""
-    final = os.path.join(out_dir, job.name)
-    tmp = os.path.join(out_dir, f".{job.name}.{os.getpid()}.tmp")
-    digest = hashlib.sha256()
+def _init_pool_worker(counter) -> None:
+    # Ctrl-C reaches the whole process group: only the parent handles it (and terminates the pool), so a
+    # worker prints no traceback; SIGTERM (how the pool terminates workers) kills at once, whatever handler the
+    # parent installed. A worker also dies with its parent, even a SIGKILLed one (Linux).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    _init_worker(counter)
+
+
+_ZEROS = bytes(BLOCK)  # padding to whole blocks is a slice of this
+
+
+def _read_file(path: str, size: int) -> bytes:
+    """The file's bytes, read with the size the scan saw (one read; +1 byte notices a file that grew)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) != size:  # grown, shrunk, or a short read: read on to the end
+            while chunk := os.read(fd, 1 << 20):
+                data += chunk
+        return data
+    finally:
+        os.close(fd)
+
+
+def write_shard(job: ShardJob, out_dir: str, skip_bad: bool, expect_sha256: str | None = None) -> dict:
+    """Write one shard and its index atomically; return its record.
+
+    With `expect_sha256` (repairing a finished dataset), the shard is put in place only if its bytes come out
+    exactly as recorded; otherwise nothing is changed and the record returned says {"mismatch": True}.
+    """
+    work = records_dir(out_dir)
+    tmp = work / f"{job.name}.{os.getpid()}.tmp"
     samples: list[list[IndexedMember]] = []
     written, skipped = [], []
     offset = 0
     try:
-        with open(tmp, "wb", buffering=1 << 20) as f:
-            def put(name: str, data: bytes) -> None:
-                nonlocal offset
-                block = tar_header(name, len(data)) + data + bytes(padded(len(data)) - len(data))
-                f.write(block)
-                digest.update(block)
-                offset += len(block)
-
-            for t in job.tracklets:
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as f:
+            for t, meta in zip(job.tracklets, job.metas):
                 frames, problem = [], None
-                for path in t.frames:
-                    with open(path, "rb") as src:
-                        data = src.read()
+                for path, size in zip(t.frames, t.sizes):
+                    data = _read_file(path, size)
                     problem = jpeg_problem(data, path)
                     if problem:
                         break
@@ -131,13 +157,18 @@ def write_shard(job: ShardJob, out_dir: str, root: str, skip_bad: bool) -> dict:
                         raise PrepareError(problem)
                     skipped.append({"key": t.key, "group": t.group, "reason": problem})
                     continue
-                meta = _member_json(t, root)
-                members = [IndexedMember("json", offset + 512, len(meta), f"{t.key}.json")]
-                put(f"{t.key}.json", meta)
-                for i, data in enumerate(frames):
-                    name = frame_member(t.key, i)
-                    members.append(IndexedMember(name[len(t.key) + 1:], offset + 512, len(data), name))
-                    put(name, data)
+                # One chunk per tracklet: header + data + padding of its JSON member, then of each frame.
+                names = [f"{t.key}.json"] + [frame_member(t.key, i) for i in range(len(frames))]
+                parts, members, skip = [], [], len(t.key) + 1
+                for name, data in zip(names, [meta] + frames):
+                    size = len(data)
+                    pad = padded(size) - size
+                    members.append(IndexedMember(name[skip:], offset + BLOCK, size, name))
+                    parts += (tar_header(name, size), data, _ZEROS[:pad])
+                    offset += BLOCK + size + pad
+                chunk = b"".join(parts)
+                f.write(chunk)
+                digest.update(chunk)
                 samples.append(members)
                 written.append(t.key)
                 if _frames_done is not None:
@@ -147,62 +178,60 @@ def write_shard(job: ShardJob, out_dir: str, root: str, skip_bad: bool) -> dict:
             digest.update(TAR_END)
             f.flush()
             os.fsync(f.fileno())
+        sha256 = digest.hexdigest()
         if not samples:
             raise PrepareError(f"{job.name}: every tracklet of this shard was skipped as bad; see the messages above")
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if expect_sha256 is not None and sha256 != expect_sha256:
+            tmp.unlink()
+            return {"name": job.name, "mismatch": True}
+        index = format_index(samples)
+        record = {"name": job.name, "index": job.index_name, "group": job.group, "plan_sha256": job.fingerprint,
+                  "inputs_sha256": job.inputs, "sha256": sha256, "bytes": offset + len(TAR_END),
+                  "index_sha256": hashlib.sha256(index.encode()).hexdigest(), "num_tracklets": len(samples),
+                  "num_frames": sum(len(s) - 1 for s in samples), "keys": written, "skipped": skipped}
+        # The record first: then every shard under its final name is one that a record of ours names.
+        save_record(out_dir, record)
+        os.replace(tmp, os.path.join(out_dir, job.name))
+        atomic_write(os.path.join(out_dir, job.index_name), index, tmp_dir=work)
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file: name the shard
+            e.filename = str(tmp)
+        tmp.unlink(missing_ok=True)
         raise
-    index = format_index(samples)
-    atomic_write(os.path.join(out_dir, job.index_name), index)
-    record = {"name": job.name, "index": job.index_name, "group": job.group, "plan_sha256": job.fingerprint,
-              "sha256": digest.hexdigest(), "bytes": offset + len(TAR_END),
-              "index_sha256": hashlib.sha256(index.encode()).hexdigest(), "num_tracklets": len(samples),
-              "num_frames": sum(len(s) - 1 for s in samples), "keys": written, "skipped": skipped}
-    atomic_write(os.path.join(out_dir, PROGRESS_DIR, job.name + ".json"), dump_json(record))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return record
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The whole dataset
-# ----------------------------------------------------------------------------------------------------------
-
-def _previous_records(out_dir: str, dataset: str) -> dict[str, dict]:
-    """Completion records of an earlier run into `out_dir` (finished: from the manifest; killed: .progress/)."""
-    records: dict[str, dict] = {}
-    if os.path.exists(os.path.join(out_dir, MANIFEST)):
-        manifest = load_manifest(out_dir)
-        if manifest.get("dataset") != dataset:
-            raise PrepareError(f"{out_dir}: holds the prepared dataset {manifest.get('dataset')!r}, not {dataset!r}; "
-                               "choose another --out or delete that folder")
-        records = {s["name"]: s for s in manifest["shards"]}
-    owner = os.path.join(out_dir, PROGRESS_DIR, "dataset.json")
-    if os.path.exists(owner):
-        previous = json.loads(Path(owner).read_text()).get("dataset")
-        if previous != dataset:
-            raise PrepareError(f"{out_dir}: holds an unfinished prepare of {previous!r}, not {dataset!r}; choose "
-                               "another --out or delete that folder")
-    for path in glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tar.json")):
-        record = json.loads(Path(path).read_text())
-        records[record["name"]] = record
-    return records
-
-
-def _still_valid(record: dict | None, job: ShardJob, out_dir: str) -> bool:
-    if not record or record.get("plan_sha256") != job.fingerprint:
-        return False
-    tar, idx = os.path.join(out_dir, job.name), os.path.join(out_dir, job.index_name)
+def shard_intact(record: dict, out_dir: str) -> bool:
+    """The shard and index that `record` describes are in place, with the recorded sizes and sha256."""
+    tar, idx = os.path.join(out_dir, record["name"]), os.path.join(out_dir, record["index"])
     if not (os.path.isfile(tar) and os.path.isfile(idx)) or os.path.getsize(tar) != record["bytes"]:
         return False
     return (hashlib.sha256(Path(idx).read_bytes()).hexdigest() == record["index_sha256"]
             and sha256_file(tar) == record["sha256"])
 
 
-def _run_jobs(jobs: list[ShardJob], out_dir: str, root: str, skip_bad: bool, workers: int, total_frames: int,
-              done_frames: int) -> list[dict]:
+def _intact_star(args) -> bool:
+    return shard_intact(*args)
+
+
+def check_intact(records: list[dict], out_dir: str, workers: int) -> list[bool]:
+    """shard_intact for each record, read by up to `workers` processes."""
+    if workers <= 1 or len(records) <= 1:
+        return [shard_intact(r, out_dir) for r in records]
+    with mp.get_context("fork").Pool(min(workers, len(records)), initializer=_init_pool_worker,
+                                     initargs=(None,)) as pool:
+        return pool.map(_intact_star, [(r, out_dir) for r in records])
+
+
+def run_jobs(jobs: list[ShardJob], out_dir: str, skip_bad: bool, workers: int, total_frames: int,
+             done_frames: int, expect: dict[str, str] | None = None) -> list[dict]:
+    """write_shard for every job, by up to `workers` processes, with a progress bar over all frames."""
     from tqdm import tqdm
 
+    expect = expect or {}
     counter = mp.get_context("fork").Value("q", 0)
     bar = tqdm(total=total_frames, initial=done_frames, unit="frame", unit_scale=True, desc="prepare",
                disable=None, file=sys.stderr, smoothing=0.1)
@@ -218,10 +247,11 @@ def _run_jobs(jobs: list[ShardJob], out_dir: str, root: str, skip_bad: bool, wor
     try:
         if workers <= 1 or len(jobs) <= 1:
             _init_worker(counter)
-            return [write_shard(job, out_dir, root, skip_bad) for job in jobs]
-        with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_init_worker,
+            return [write_shard(job, out_dir, skip_bad, expect.get(job.name)) for job in jobs]
+        with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_init_pool_worker,
                                          initargs=(counter,)) as pool:
-            async_results = [pool.apply_async(write_shard, (job, out_dir, root, skip_bad)) for job in jobs]
+            async_results = [pool.apply_async(write_shard, (job, out_dir, skip_bad, expect.get(job.name)))
+                             for job in jobs]
             return [r.get() for r in async_results]
     finally:
         _init_worker(None)
@@ -229,41 +259,6 @@ def _run_jobs(jobs: list[ShardJob], out_dir: str, root: str, skip_bad: bool, wor
         thread.join()
         bar.n = done_frames + counter.value
         bar.close()
-
-
-def prepare_dataset(dataset: str, tracklets: list[Tracklet], skipped: list[dict], out_dir: str, root: str,
-                    shard_bytes: int, workers: int = 1, skip_bad: bool = False) -> dict:
-    """Shard `tracklets` into `out_dir`, resuming an earlier run there; returns the manifest."""
-    if not tracklets:
-        raise PrepareError(f"{root}: no tracklets found; check --data-dir")
-    os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
-    previous = _previous_records(out_dir, dataset)
-    atomic_write(os.path.join(out_dir, PROGRESS_DIR, "dataset.json"), dump_json({"dataset": dataset}))
-    for leftover in glob.glob(os.path.join(out_dir, ".*.tmp")):  # temp files of a killed run
-        os.unlink(leftover)
-    jobs = plan_shards(tracklets, shard_bytes, root)
-    planned = {j.name for j in jobs} | {j.index_name for j in jobs}
-    for name in sorted(os.listdir(out_dir)):
-        if SHARD_NAME.match(name) and name not in planned:
-            print(f"prepare: removing {name}, left by an earlier run with another plan", file=sys.stderr)
-            os.unlink(os.path.join(out_dir, name))
-    kept = {j.name: previous[j.name] for j in jobs if _still_valid(previous.get(j.name), j, out_dir)}
-    todo = [j for j in jobs if j.name not in kept]
-    total = sum(j.num_frames for j in jobs)
-    if kept:
-        print(f"prepare: resuming, {len(kept)} of {len(jobs)} shards already written and verified", file=sys.stderr)
-    start = time.perf_counter()
-    fresh = _run_jobs(todo, out_dir, root, skip_bad, workers, total, sum(j.num_frames for j in jobs
-                                                                           if j.name in kept))
-    seconds = time.perf_counter() - start
-    records = {**kept, **{r["name"]: r for r in fresh}}
-    manifest = build_manifest(dataset, jobs, records, skipped)
-    atomic_write(os.path.join(out_dir, MANIFEST), dump_json(manifest))
-    shutil.rmtree(os.path.join(out_dir, PROGRESS_DIR))  # dot-files too (a temp file of a killed atomic write)
-    written = sum(j.num_frames for j in todo)
-    print(f"prepare: {dataset}: {len(jobs)} shards, {total:,} frames ({written:,} written in {seconds:.1f} s, "
-          f"{written / max(seconds, 1e-9):,.0f} frames/s) -> {out_dir}", file=sys.stderr)
-    return manifest
 
 
 def build_manifest(dataset: str, jobs: list[ShardJob], records: dict[str, dict], scan_skipped: list[dict]) -> dict:
@@ -295,5 +290,5 @@ def build_manifest(dataset: str, jobs: list[ShardJob], records: dict[str, dict],
         split["num_tracklets"] = len(entries)
         split["num_frames"] = sum(e["num_frames"] for e in entries)
     splits["train"]["labels"] = {str(pid): label for pid, label in labels.items()}
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dataset": dataset, "writer": f"stenvan {__version__}",
-            "shards": shards, "splits": splits, "skipped": skipped}
+    return seal_manifest({"format": FORMAT_NAME, "version": FORMAT_VERSION, "dataset": dataset,
+                          "writer": f"stenvan {__version__}", "shards": shards, "splits": splits, "skipped": skipped})

@@ -199,6 +199,18 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, **f
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found (presets are in configs/)") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder; --config takes a YAML file (presets are in configs/)") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror}); --config takes a YAML file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file; --config takes a YAML file (presets are in configs/)") \
+                from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"{path}: not valid YAML{where} ({problem}); fix the file") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         values.update({k: coerce(k, v, path) for k, v in loaded.items()})

@@ -9,17 +9,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 FORMAT_NAME = "stenvan-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 INDEX_VERSION = "v1.2"  # DALI's wds2idx index format: "v1.2 N", then "ext offset size name ..." per sample
 BLOCK = 512  # tar block size
 SPLITS = ("train", "query", "gallery")
 FRAME_DIGITS = 5  # member "<key>.<frame:05d>.jpg": up to 99,999 frames per tracklet
+SHARD_NAME = re.compile(r"^(train|test|query|gallery)-\d{5}\.(tar|idx)$")
+# The shard groups of each dataset, and the group whose shards hold each manifest split.
+SPLIT_GROUPS = {"mars": {"train": "train", "query": "test", "gallery": "test"},
+                "dukev": {"train": "train", "query": "query", "gallery": "gallery"}}
 
 
 class ShardFormatError(Exception):
@@ -35,28 +40,27 @@ def frame_member(key: str, frame: int) -> str:
     return f"{key}.{frame:0{FRAME_DIGITS}d}.jpg"
 
 
+# The fields of a header that never change (mode, uid/gid, mtime, type, ustar magic), and what they add to
+# the checksum (computed with the checksum field itself as 8 spaces).
+_MODE_UID_GID = b"0000644\0" + b"0000000\0" * 2  # bytes 100-124
+_MTIME = b"00000000000\0"  # 136-148
+_TYPE_TO_END = b"0" + bytes(100) + b"ustar\x0000" + bytes(BLOCK - 265)  # 156-512: type, linkname, magic, rest
+_CONSTANT_SUM = sum(_MODE_UID_GID) + sum(_MTIME) + 8 * ord(" ") + sum(_TYPE_TO_END)
+
+
 def tar_header(name: str, size: int) -> bytes:
     """A normalised POSIX ustar header for a regular file: mode 0644, uid/gid 0, no owner names, mtime 0.
 
     Normalising every field that could carry the writer's environment makes shards byte-identical across
-    machines and runs.
+    machines and runs. Built from constant pieces (it runs once per frame).
     """
     raw = name.encode("ascii")
     if len(raw) > 100:
         raise ValueError(f"tar member name longer than 100 bytes: {name}")
-    header = bytearray(BLOCK)
-    header[0:len(raw)] = raw
-    header[100:108] = b"0000644\0"  # mode
-    header[108:116] = b"0000000\0"  # uid
-    header[116:124] = b"0000000\0"  # gid
-    header[124:136] = f"{size:011o}\0".encode()  # size, octal
-    header[136:148] = b"00000000000\0"  # mtime
-    header[148:156] = b" " * 8  # checksum is computed with this field as spaces
-    header[156:157] = b"0"  # regular file
-    header[257:265] = b"ustar\x0000"  # POSIX ustar magic + version
-    checksum = sum(header)
-    header[148:156] = f"{checksum:06o}\0 ".encode()
-    return bytes(header)
+    size_field = b"%011o\0" % size
+    checksum = _CONSTANT_SUM + sum(raw) + sum(size_field)
+    return b"".join((raw, bytes(100 - len(raw)), _MODE_UID_GID, size_field, _MTIME, b"%06o\0 " % checksum,
+                     _TYPE_TO_END))
 
 
 def padded(size: int) -> int:
@@ -76,8 +80,7 @@ TAR_END = bytes(2 * BLOCK)  # two zero blocks end a tar archive
 # Index files (DALI's `.idx`, so `fn.readers.webdataset` reads the shards without inferring an index)
 # ----------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class IndexedMember:
+class IndexedMember(NamedTuple):  # a NamedTuple: built once per frame by the writer and the readers
     ext: str  # e.g. "json" or "00003.jpg"
     offset: int  # byte offset of the member's data (not its header) in the tar
     size: int  # data size in bytes
@@ -122,12 +125,12 @@ def read_index(path: str | os.PathLike) -> list[list[IndexedMember]]:
 # Files
 # ----------------------------------------------------------------------------------------------------------
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename, so a reader or a
-    killed writer never sees a half-written file."""
+def atomic_write(path: str | os.PathLike, data: bytes | str, tmp_dir: str | os.PathLike | None = None) -> None:
+    """Write `data` to `path` through a temporary file and a rename, so a reader or a killed writer never sees
+    a half-written file. The temporary file goes to `tmp_dir` (same filesystem) or beside `path`."""
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; the result is an ordinary shared file
         with os.fdopen(fd, "wb") as f:
@@ -135,10 +138,21 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file: name the one we were writing
+            e.filename = str(path)
+        _unlink_quietly(tmp)
         raise
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
@@ -154,8 +168,103 @@ def dump_json(obj) -> str:
     return json.dumps(obj, indent=1, sort_keys=True) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The manifest: content hash, fingerprint, structure
+# ----------------------------------------------------------------------------------------------------------
+
+def _canonical(obj) -> bytes:
+    """The encoding that hashes cover: compact JSON with sorted keys (json's C encoder: fast on MARS's manifest)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """sha256 of the manifest's body: everything but the `manifest_sha256` field, canonically encoded."""
+    return hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k != "manifest_sha256"})).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """The manifest with its `manifest_sha256` set (the writer's last step before writing it)."""
+    return {**manifest, "manifest_sha256": manifest_sha256(manifest)}
+
+
+def dataset_fingerprint(manifest: dict) -> str:
+    """A stable identity of a prepared dataset: sha256 of its manifest without `writer` and `manifest_sha256`.
+
+    It covers every shard's sha256, every split, label and skipped tracklet, so two folders get the same
+    fingerprint exactly when they hold the same dataset (the same input prepared anywhere, by any stenvan that
+    writes the same bytes). Pass a manifest from `load_manifest`.
+    """
+    body = {k: v for k, v in manifest.items() if k not in ("manifest_sha256", "writer")}
+    return hashlib.sha256(_canonical(body)).hexdigest()
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false"}
+_TOP_FIELDS = {"dataset": str, "writer": str, "shards": list, "splits": dict, "skipped": list, "manifest_sha256": str}
+_SHARD_FIELDS = {"name": str, "index": str, "group": str, "sha256": str, "bytes": int, "index_sha256": str,
+                 "num_tracklets": int, "num_frames": int, "plan_sha256": str}
+_SPLIT_FIELDS = {"num_ids": int, "num_tracklets": int, "num_frames": int, "tracklets": list}
+_ENTRY_FIELDS = {"key": str, "pid": int, "camid": int, "num_frames": int, "shard": str, "sample": int}
+_SKIPPED_FIELDS = {"key": str, "group": str, "reason": str}
+
+
+def _check_fields(obj, fields: dict, where: str, bad) -> None:
+    if not isinstance(obj, dict):
+        raise bad(f"{where} is {_KIND_NAMES.get(type(obj), type(obj).__name__)}, expected an object")
+    for name, kind in fields.items():
+        if name not in obj:
+            raise bad(f"{where} lacks the field {name!r}")
+        value = obj[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise bad(f"{where}.{name} is {value!r}, expected {_KIND_NAMES[kind]}")
+
+
+def check_manifest(manifest, path: str | os.PathLike) -> None:
+    """Raise ShardFormatError naming `path` unless `manifest` has the structure and content hash of the format."""
+    if not isinstance(manifest, dict):
+        raise ShardFormatError(f"{path}: holds a JSON {type(manifest).__name__}, not a stenvan manifest (an object);"
+                               " rerun the prepare command that wrote this folder")
+    if manifest.get("format") != FORMAT_NAME:
+        raise ShardFormatError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ShardFormatError(f"{path}: shard format version {manifest.get('version')!r}, this stenvan reads "
+                               f"version {FORMAT_VERSION}; re-prepare the dataset with this version (into a new "
+                               "folder, or delete this one first)")
+
+    def bad(what: str) -> ShardFormatError:
+        return ShardFormatError(f"{path}: {what}; the manifest is damaged or was edited: rerun the prepare command "
+                                "that wrote it (it restores the manifest), or prepare the dataset again")
+
+    _check_fields(manifest, _TOP_FIELDS, "the manifest", bad)
+    groups = SPLIT_GROUPS.get(manifest["dataset"])
+    if groups is None:
+        raise bad(f"dataset is {manifest['dataset']!r}, expected one of {sorted(SPLIT_GROUPS)}")
+    for i, shard in enumerate(manifest["shards"]):
+        _check_fields(shard, _SHARD_FIELDS, f"shards[{i}]", bad)
+        name = shard["name"]
+        # Names are plain file names of this folder: never a path that could point elsewhere.
+        if not SHARD_NAME.match(name) or not name.endswith(".tar") or shard["index"] != name[:-4] + ".idx" \
+                or not name.startswith(shard["group"] + "-") or shard["group"] not in groups.values():
+            raise bad(f"shards[{i}] is {name!r} / {shard['index']!r} in group {shard['group']!r}, not a "
+                      f"{manifest['dataset']} shard name")
+    for split in SPLITS:
+        if split not in manifest["splits"]:
+            raise bad(f"split {split!r} missing")
+        info = manifest["splits"][split]
+        _check_fields(info, _SPLIT_FIELDS, f"splits.{split}", bad)
+        fields = {**_ENTRY_FIELDS, "label": int} if split == "train" else _ENTRY_FIELDS
+        for j, entry in enumerate(info["tracklets"]):
+            _check_fields(entry, fields, f"splits.{split}.tracklets[{j}]", bad)
+    _check_fields(manifest["splits"]["train"], {"labels": dict}, "splits.train", bad)
+    for j, entry in enumerate(manifest["skipped"]):
+        _check_fields(entry, _SKIPPED_FIELDS, f"skipped[{j}]", bad)
+    if manifest["manifest_sha256"] != manifest_sha256(manifest):
+        raise ShardFormatError(f"{path}: its content does not match its manifest_sha256 (the file was edited or "
+                               "damaged after prepare wrote it); rerun the prepare command that wrote it (it "
+                               "restores the manifest), or prepare the dataset again")
+
+
 def load_manifest(directory: str | os.PathLike) -> dict:
-    """Load and check `manifest.json` of a prepared dataset directory."""
+    """Load and check `manifest.json` of a prepared dataset directory (structure and content hash)."""
     path = Path(directory) / MANIFEST
     if not Path(directory).is_dir():
         raise ShardFormatError(f"{directory}: no such directory; prepare the dataset with `python -m prepare ...`")
@@ -164,11 +273,9 @@ def load_manifest(directory: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise ShardFormatError(f"{path}: missing; `python -m prepare` writes it last, so the dataset is not "
                                "fully prepared: rerun the same prepare command to finish it") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e}); rerun prepare") from None
-    if manifest.get("format") != FORMAT_NAME:
-        raise ShardFormatError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ShardFormatError(f"{path}: shard format version {manifest.get('version')!r}, this stenvan reads "
-                               f"version {FORMAT_VERSION}; re-prepare the dataset with this version")
+    except OSError as e:
+        raise ShardFormatError(f"{path}: cannot be read ({e.strerror})") from None
+    check_manifest(manifest, path)
     return manifest

@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
+from prepare_helpers import REPO, block_on_fifo, run_prepare, shard_mars, wait_for
 from scipy.io import loadmat
 
-from prepare.cli import main as prepare_main
 from prepare.verify import verify
-from stenvan.shards import read_index
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_prepare(*args) -> int:
-    return prepare_main([str(a) for a in args])
-
-
-def shard_mars(tree, out, *extra):
-    assert run_prepare("mars", "--data-dir", tree, "--info-dir", tree / "info", "--out", out, "--workers", 1,
-                       *extra) == 0
-    return json.loads((out / "manifest.json").read_text())
+from stenvan.shards import read_index, seal_manifest
 
 
 def test_mars_counts_equal_the_info_files(tmp_path):
@@ -101,36 +86,29 @@ def test_same_input_gives_identical_shards(mars_tree, tmp_path):
 def test_resume_after_sigkill_ends_with_the_uninterrupted_bytes(mars_tree, copy_tree, tmp_path):
     reference = shard_mars(mars_tree, tmp_path / "ref", "--shard-size", "200KB")
     tree = copy_tree(mars_tree)
-    # A FIFO in place of a frame of the last train identity: the writer blocks on it mid-shard, after the
-    # earlier shards are finished, so the kill lands at a known point with a half-written temp file.
-    names = (tree / "info" / "train_name.txt").read_text().split()
-    victim = tree / "bbox_train" / names[-1][:4] / names[-1]
-    original = victim.read_bytes()
-    victim.unlink()
-    os.mkfifo(victim)
+    restore = block_on_fifo(tree)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "prepare", "mars", "--data-dir", str(tree), "--out", str(out), "--workers", "1",
            "--shard-size", "200KB"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not list(out.glob(".*.tmp")) or not list((out / ".progress").glob("*.tar.json")):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
+    # Temporary files and records live in .prepare/, never beside the shards.
+    wait_for(lambda: list((out / ".prepare").glob("*.tmp")) and list((out / ".prepare").glob("*.tar.json")), proc)
     time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    finished = {p.name[:-len(".json")] for p in (out / ".progress").glob("*.tar.json")}
+    finished = {p.name[:-len(".json")] for p in (out / ".prepare").glob("*.tar.json")}
     assert {p.name for p in out.glob("*.tar")} == finished  # no half shard under a final name
-    victim.unlink()
-    victim.write_bytes(original)
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    restore()
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"resuming, {len(finished)} of" in result.stderr
+    assert "took over the stale lock" in result.stderr and f"pid {proc.pid}" in result.stderr
     resumed = json.loads((out / "manifest.json").read_text())
     assert resumed["shards"] == reference["shards"]
     assert (out / "manifest.json").read_bytes() == (tmp_path / "ref" / "manifest.json").read_bytes()
-    assert not list(out.glob(".*.tmp")) and not (out / ".progress").exists()
+    assert not list((out / ".prepare").glob("*.tmp")) and not (out / ".lock").exists()
 
 
 def test_verify_catches_a_single_flipped_byte(mars_tree, tmp_path):
@@ -155,6 +133,9 @@ def test_verify_catches_index_and_count_damage(mars_tree, tmp_path):
     idx.write_text("\n".join([text[0], " ".join(fields)] + text[2:]))
     m["splits"]["train"]["num_frames"] += 1
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
+    problems = verify(tmp_path / "s")  # the manifest no longer matches its content hash
+    assert len(problems) == 1 and "does not match its manifest_sha256" in problems[0]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(seal_manifest(m)))  # as if a faulty writer made it
     problems = "\n".join(verify(tmp_path / "s"))
     assert "disagrees with the tar headers" in problems and "train.num_frames" in problems
 
@@ -162,10 +143,12 @@ def test_verify_catches_index_and_count_damage(mars_tree, tmp_path):
 def test_index_is_dalis_and_dali_reads_the_shards(mars_tree, tmp_path):
     m = shard_mars(mars_tree, tmp_path / "s")
     shard, index = tmp_path / "s" / m["shards"][0]["name"], tmp_path / "s" / m["shards"][0]["index"]
-    wds2idx = Path(sys.executable).parent / "wds2idx"
-    if wds2idx.exists():  # DALI's own indexer gives the same file, byte for byte
-        subprocess.run([str(wds2idx), str(shard), str(tmp_path / "ref.idx")], check=True, capture_output=True)
-        assert (tmp_path / "ref.idx").read_bytes() == index.read_bytes()
+    # DALI ships its indexer as the module `wds2idx` (and the `wds2idx` script): its index is ours, byte for byte.
+    # No DALI, no test: this fails rather than skips.
+    made = subprocess.run([sys.executable, "-m", "wds2idx", str(shard), str(tmp_path / "ref.idx")],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "ref.idx").read_bytes() == index.read_bytes()
     from nvidia.dali import fn, pipeline_def
 
     @pipeline_def(batch_size=2, num_threads=1, device_id=None)
@@ -180,6 +163,28 @@ def test_index_is_dalis_and_dali_reads_the_shards(mars_tree, tmp_path):
     first = m["splits"]["train"]["tracklets"][0]
     assert json.loads(np.asarray(meta[0]).tobytes())["key"] == first["key"]
     assert np.asarray(image[0]).shape == (256, 128, 3)
+
+
+def test_webdataset_streams_the_shards(mars_tree, tmp_path):
+    """The shards are plain WebDataset tars: `webdataset.WebDataset` yields one sample per tracklet, with its
+    key, its JSON metadata and its frames, the original bytes, in order (the README's streaming recipe)."""
+    import webdataset as wds
+
+    m = shard_mars(mars_tree, tmp_path / "s", "--shard-size", "300KB")
+    urls = [str(tmp_path / "s" / s["name"]) for s in m["shards"] if s["group"] == "train"]
+    assert len(urls) > 1
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    entries = m["splits"]["train"]["tracklets"]
+    assert [s["__key__"] for s in samples] == [e["key"] for e in entries]
+    for sample, entry in zip(samples, entries):
+        meta = json.loads(sample["json"])
+        assert (meta["key"], meta["pid"], meta["camid"], meta["num_frames"]) == \
+            (entry["key"], entry["pid"], entry["camid"], entry["num_frames"])
+        frames = [sample[f"{i:05d}.jpg"] for i in range(meta["num_frames"])]
+        assert {k for k in sample if not k.startswith("__")} == {"json", *(f"{i:05d}.jpg" for i in range(len(frames)))}
+        assert frames == [(mars_tree / meta["source"] / name).read_bytes() for name in meta["frames"]]
+    decoded = next(iter(wds.WebDataset(urls[:1], shardshuffle=False).decode("rgb8")))
+    assert decoded["00000.jpg"].shape == (256, 128, 3) and decoded["json"]["key"] == entries[0]["key"]
 
 
 def test_inspect_reports_splits(mars_tree, tmp_path, capsys):

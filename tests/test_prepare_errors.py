@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 
 import numpy as np
@@ -138,3 +140,90 @@ def test_output_holding_another_dataset_is_refused(mars_tree, dukev_tree, tmp_pa
 def test_missing_data_dir(tmp_path, capsys):
     code = prepare_mars(tmp_path / "nowhere", tmp_path / "out")
     expect_error(capsys, code, "nowhere", "not found")
+
+
+def test_output_that_is_a_file(mars_tree, tmp_path, capsys):
+    (tmp_path / "file").write_bytes(b"x")
+    code = prepare_mars(mars_tree, tmp_path / "file")
+    expect_error(capsys, code, str(tmp_path / "file"), "not a folder")
+    assert (tmp_path / "file").read_bytes() == b"x"
+
+
+def test_read_only_output(mars_tree, tmp_path, capsys, monkeypatch):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    if os.geteuid() != 0:
+        parent.chmod(0o555)
+    else:  # root writes anywhere: make the folder's creation fail as a read-only filesystem does
+        real_mkdir = os.mkdir
+
+        def mkdir(path, *args, **kwargs):
+            if str(path).startswith(str(parent)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real_mkdir(path, *args, **kwargs)
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    try:
+        code = prepare_mars(mars_tree, parent / "out")
+    finally:
+        parent.chmod(0o755)
+    line = expect_error(capsys, code, str(parent / "out"))
+    assert code == 2 and ("read-only" in line or "permission denied" in line), line
+
+
+def test_full_disk_is_one_line_and_a_rerun_finishes(mars_tree, tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of the run (injected at the fifth fsync: run.json, then shard 0, its record and index
+    are written; the disk fills while shard 1 is written)."""
+    reference = tmp_path / "ref"
+    assert prepare_mars(mars_tree, reference) == 0
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = prepare_main(["mars", "--data-dir", str(mars_tree), "--out", str(out), "--workers", "1",
+                         "--shard-size", "200KB"])
+    line = expect_error(capsys, code, str(out), "No space left on device", "free some space")
+    assert code == 2, line
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp")) and not (out / ".lock").exists()
+    monkeypatch.setattr(os, "fsync", real_fsync)  # space freed
+    capsys.readouterr()
+    assert prepare_main(["mars", "--data-dir", str(mars_tree), "--out", str(out), "--workers", "1",
+                         "--shard-size", "200KB"]) == 0
+    assert "resuming, 1 of" in capsys.readouterr().err
+    again = tmp_path / "again"
+    assert prepare_main(["mars", "--data-dir", str(mars_tree), "--out", str(again), "--workers", "1",
+                         "--shard-size", "200KB"]) == 0
+    assert (out / "manifest.json").read_bytes() == (again / "manifest.json").read_bytes()
+
+
+def test_jpeg_with_bytes_after_its_end_is_accepted_a_cut_one_is_not(mars_tree, copy_tree, tmp_path, capsys):
+    tree = copy_tree(mars_tree)
+    frame = frame_path(tree)
+    data = frame.read_bytes()
+    frame.write_bytes(data + b"\x00\x00camera trailer\xff\xd8 bytes after EOI")
+    assert prepare_mars(tree, tmp_path / "out") == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["skipped"] == [] and manifest["splits"]["train"]["num_frames"] == len(names(tree))
+    frame.write_bytes(data[:len(data) // 2] + b"trailer")  # cut short in its image data, then other bytes
+    code = prepare_mars(tree, tmp_path / "cut")
+    expect_error(capsys, code, str(frame), "truncated")
+
+
+def test_skip_bad_reports_what_it_left_out(mars_tree, copy_tree, tmp_path, capsys):
+    tree = copy_tree(mars_tree)
+    frame_path(tree).write_bytes(b"")
+    frame_path(tree, index=1, split="test").write_bytes(frame_path(tree, index=1, split="test").read_bytes()[:-50])
+    capsys.readouterr()
+    assert prepare_main(["mars", "--data-dir", str(tree), "--out", str(tmp_path / "out"), "--workers", "1",
+                         "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["group"] for s in manifest["skipped"]] == ["train", "test"]
+    assert "--skip-bad left out 2 tracklets (train 1, test 1)" in err
+    gallery = manifest["splits"]["gallery"]
+    assert f"gallery {gallery['num_tracklets']:,} tracklets / {gallery['num_ids']:,} ids" in err
