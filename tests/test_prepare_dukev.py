@@ -93,3 +93,23 @@ def test_one_frame_under_both_namings_is_a_repeat(dukev_tree, copy_tree, tmp_pat
     assert prepare_dukev(tree, tmp_path / "out") == 2
     errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "repeated ['F0001']" in errors[0], errors
+
+
+def test_the_generators_quirky_dukev_prepares_with_every_tracklet(tmp_path):
+    """The synthetic DukeV with both quirks (late starts, old names) prepares with the same counts as without."""
+    from prepare.synthetic import generate
+
+    counts = {}
+    for quirks in (0.0, 0.4):
+        tree = tmp_path / f"raw{quirks}"
+        generate("dukev", tree, num_ids=6, seed=3, min_len=2, max_len=12, quirk_f0002=quirks, quirk_old_names=quirks)
+        folders = list(tree.glob("*/*/*"))
+        first_frame = [min(int(re.search(r"F(\d{4})", p.name).group(1)) for p in f.iterdir()) for f in folders]
+        old_names = [any(not NEW.match(p.name) for p in f.iterdir()) for f in folders]
+        assert (any(n > 1 for n in first_frame) and any(old_names)) == bool(quirks)  # the quirks are really there
+        assert prepare_dukev(tree, tmp_path / f"s{quirks}") == 0
+        m = json.loads((tmp_path / f"s{quirks}" / "manifest.json").read_text())
+        assert not m.get("skipped")
+        counts[quirks] = {s: (m["splits"][s]["num_tracklets"], m["splits"][s]["num_frames"]) for s in m["splits"]}
+        assert verify(tmp_path / f"s{quirks}", deep=True) == []
+    assert counts[0.4] == counts[0.0]
