@@ -43,9 +43,10 @@ VARIANTS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def make_step(arch, variant, batch, clip_len, height, width, num_classes, device, compile_model):
+def make_step(arch, variant, batch, clip_len, height, width, num_classes, device, compile_model, stripes=None):
     torch.manual_seed(0)
-    model = build_model(arch, num_classes, attention=variant["attention"]).to(device)
+    model = build_model(arch, num_classes, attention=variant["attention"],
+                        stripes=stripes if arch == "ste_nvan" else None).to(device)
     if variant["channels_last"]:
         model.to(memory_format=torch.channels_last)
     if variant["fused_adam"]:
@@ -72,7 +73,7 @@ def make_step(arch, variant, batch, clip_len, height, width, num_classes, device
 
 def measure(args, name, variant, device):
     step, model, _ = make_step(args.arch, variant, args.batch, args.clip_len, args.height, args.width, 625, device,
-                               name.endswith("compile"))
+                               name.endswith("compile"), args.stripes)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     for _ in range(args.warmup):
         step()
@@ -101,7 +102,7 @@ def measure(args, name, variant, device):
 def measure_checkpoints(args, device, background: bool) -> dict:
     """STE-NVAN (ours) for `ckpt_steps` steps, a checkpoint every `ckpt_every`: seconds the training waits."""
     step, model, optimizer = make_step("ste_nvan", VARIANTS["ours"], args.batch, args.clip_len, args.height,
-                                       args.width, 625, device, False)
+                                       args.width, 625, device, False, args.stripes)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     step()  # warm-up (allocations, cuDNN autotuning)
     with tempfile.TemporaryDirectory(dir=args.ckpt_dir, prefix="bench-ckpt-") as run_dir:
@@ -140,6 +141,7 @@ def main(argv=None) -> None:
     parser.add_argument("--clip-len", type=int, default=8)
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--stripes", type=int, help="STE-NVAN stripes (default 16, the paper's; must divide height/16)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also measure ours under torch.compile")
