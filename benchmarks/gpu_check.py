@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     from benchmarks.gpu_check_stages import DATASET, STAGES, record_stages
 
     info = environment(ctx)
-    ctx.figures["device"] = info["device"]
+    ctx.figures["device"] = info["device"].split(",")[0]  # the name alone, as the benchmarks write it
     why_smoke = "" if gpu else (" (forced by --smoke)" if has_cuda else " (no CUDA here)")
     print(f"gpu-check: {ctx.mode} mode{why_smoke}, {info['device']}, {ctx.cpus} CPUs, budget {args.minutes:g} min, "
           f"load {info['load_avg_start']:.2f}; scratch {work}", flush=True)
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
             reserve = sum(s.least_s for s in STAGES[STAGES.index(stage) + 1:] if not s.optional)
             timeout = min(stage.cap * ctx.budget_s, ctx.remaining() - (0 if stage.optional else reserve))
             started = time.monotonic()
+            ctx.figures.setdefault("stage_start_s", {})[stage.name] = started - ctx.start
             if timeout < stage.least_s:
                 outcome = Outcome("skipped", f"budget: {max(timeout, 0):.0f} s left for it, it needs "
                                              f"{stage.least_s:.0f} s (a larger --minutes runs it)")
@@ -191,7 +192,9 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"files in {ctx.out}: {', '.join(sorted(p.name for p in ctx.out.iterdir()))}")
     print("\n" + text, flush=True)  # last: the device tool returns only the end of the output
-    return 1 if any(o.status == "fail" for o in outcomes.values()) else 0
+    count = {status: sum(o.status == status for o in outcomes.values()) for status in ("pass", "fail", "skipped")}
+    print(f"gpu-check: {count['pass']} passed, {count['fail']} failed, {count['skipped']} skipped")
+    return 1 if count["fail"] else 0
 
 
 if __name__ == "__main__":

@@ -294,12 +294,14 @@ def targets(ctx: Context) -> list[dict]:
 
 
 def record_stages(ctx: Context, stages: list[Stage], outcomes: dict) -> None:
-    """One `gpu_check` line per stage: what passed, failed or was skipped where, in how long."""
-    device = ctx.figures.get("device") or device_name("cpu")
-    append_results("gpu_check", [{"variant": s.name, "mode": ctx.mode, "status": outcomes[s.name].status,
+    """One `gpu_check` line per stage (what passed, failed or was skipped where, in how long) and one
+    `gpu_targets` line per target, so that RESULTS.md shows both."""
+    common = {"device": ctx.figures.get("device") or device_name("cpu"), "versions": versions(), "mode": ctx.mode}
+    append_results("gpu_check", [{**common, "variant": s.name, "status": outcomes[s.name].status,
                                   "seconds": outcomes[s.name].seconds, "detail": outcomes[s.name].detail[:300],
-                                  "device": device, "versions": versions(), "budget_s": ctx.budget_s}
-                                 for s in stages if s.name in outcomes])
+                                  "budget_s": ctx.budget_s} for s in stages if s.name in outcomes])
+    append_results("gpu_targets", [{**common, "variant": t["target"], "figure": t["figure"], "verdict": t["verdict"]}
+                                   for t in targets(ctx)])
 
 
 def summary_text(ctx: Context, stages: list[Stage], outcomes: dict, info: dict, target_rows: list[dict],
@@ -333,4 +335,9 @@ def summary_text(ctx: Context, stages: list[Stage], outcomes: dict, info: dict, 
               "so no ImageNet weights): rank-1/mAP of the short run measure nothing but that evaluation works.",
               f"Skipped stages say why; a failed stage's output is in gpu_check.log. Exit code: 1 if any stage "
               f"failed."]
+    end = ctx.figures.get("background_end_s")
+    if end is not None:
+        shared = [name for name, t in ctx.figures.get("stage_start_s", {}).items() if t < end]
+        lines.append(f"The dataset build (CPU) ended {end:.0f} s after the start; stages that began before then shared "
+                     f"the CPU with it: {', '.join(shared) or 'none'}.")
     return "\n".join(lines) + "\n"

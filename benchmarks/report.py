@@ -32,11 +32,12 @@ COLUMNS = {
     "rerank": ["nodes", "seconds", "peak_mem_mib", "plain_map", "rerank_map"],
     "search": ["gallery", "queries", "seconds", "queries_per_s", "features_mib", "peak_extra_mib"],
     "gpu_check": ["mode", "status", "seconds", "detail"],
+    "gpu_targets": ["mode", "figure", "verdict"],
     "mars_run": ["train_frames", "test_frames", "seconds", "frames_per_s", "data_wait_share", "ckpt_wait_share",
                  "exit_code", "projected_mars_dense_s", "standard_rank1", "standard_map"],
 }
 # Benchmarks whose lines another command writes (the rest: `python -m benchmarks.<name>`).
-COMMANDS = {"gpu_check": "make gpu-check", "mars_run": "make gpu-check"}
+COMMANDS = {"gpu_check": "make gpu-check", "gpu_targets": "make gpu-check", "mars_run": "make gpu-check"}
 HEADER = """# Benchmark results
 
 Written by `python -m benchmarks.report` (run by `make bench`) from `benchmarks/results/*.jsonl`: for each
