@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,10 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, RESULTS_ENV, device_name, versions
-from benchmarks.gpu_check_run import LOG_KEEP_BYTES, REPO, Background, Context, Outcome
+from benchmarks.gpu_check_run import LOG_KEEP_BYTES, REPO, Background, Context, Outcome, stop_group
+
+OUTPUTS = ("summary.md", "summary.json", "gpu_check.log", "results.jsonl", "RESULTS.md", "mars_train_metrics.jsonl",
+           "mars_eval_metrics.json")  # everything written under --out (at most 8 files)
 
 def gpu_description() -> str:
     """The GPU's name, memory and driver from nvidia-smi (the parent process never starts CUDA itself)."""
@@ -106,6 +110,10 @@ def report(ctx: Context, repo_results: bool) -> str:
     return f"report of this run alone: {ctx.out / 'RESULTS.md'} (benchmarks/results/ untouched)"
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -142,9 +150,12 @@ def main(argv=None) -> int:
                   test_scale=args.test_scale or (0.1 if gpu else 0.002),
                   train_minutes=args.train_minutes or (1.0 if gpu else 0.1))
     ctx.results = work / "results"
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # an earlier run's files must not pass for this run's
+        (ctx.out / name).unlink(missing_ok=True)
     os.environ[RESULTS_ENV] = str(ctx.results)  # this process's own lines (gpu_check, mars_run) go there too
 
-    from benchmarks.gpu_check_stages import DATASET, STAGES, record_stages
+    from benchmarks.gpu_check_stages import BACKGROUND, STAGES, record_stages
 
     info = environment(ctx)
     ctx.figures["device"] = info["device"].split(",")[0]  # the name alone, as the benchmarks write it
@@ -152,10 +163,12 @@ def main(argv=None) -> int:
     print(f"gpu-check: {ctx.mode} mode{why_smoke}, {info['device']}, {ctx.cpus} CPUs, budget {args.minutes:g} min, "
           f"load {info['load_avg_start']:.2f}; scratch {work}", flush=True)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()), flush=True)
-    stages = [DATASET, *STAGES]
+    stages = [*BACKGROUND, *STAGES]
     outcomes: dict[str, Outcome] = {}
-    ctx.dataset = Background(ctx, DATASET, DATASET.cap * ctx.budget_s)
+    old_handler = signal.signal(signal.SIGTERM, _interrupted)  # stopped from outside: stop our subprocesses too
     try:
+        for stage in BACKGROUND:  # CPU-bound work started now, beside the GPU stages below
+            ctx.background[stage.name] = Background(ctx, stage, stage.cap * ctx.budget_s)
         for stage in STAGES:
             reserve = sum(s.least_s for s in STAGES[STAGES.index(stage) + 1:] if not s.optional)
             timeout = min(stage.cap * ctx.budget_s, ctx.remaining() - (0 if stage.optional else reserve))
@@ -170,17 +183,21 @@ def main(argv=None) -> int:
                 except Exception as e:  # noqa: BLE001 - a broken stage is reported, the next one runs
                     outcome = Outcome("fail", f"{type(e).__name__}: {e}")
             outcome.seconds = outcome.seconds or time.monotonic() - started
+            if stage.optional and outcome.status == "fail" and outcome.detail.startswith("stopped at its time limit"):
+                outcome = Outcome("skipped", f"out of budget: stopped after {outcome.seconds:.0f} s, the time the "
+                                             "other stages left (a larger --minutes runs it)", outcome.seconds)
             outcomes[stage.name] = outcome
             print(f"[{time.monotonic() - ctx.start:6.0f} s] {stage.name}: {outcome.status} "
                   f"({outcome.seconds:.0f} s) {outcome.detail}", flush=True)
-            if ctx.dataset.outcome is not None and DATASET.name not in outcomes:
-                outcomes[DATASET.name] = ctx.dataset.outcome
-                print(f"[{time.monotonic() - ctx.start:6.0f} s] {DATASET.name} (background): "
-                      f"{ctx.dataset.outcome.status} ({ctx.dataset.outcome.seconds:.0f} s) "
-                      f"{ctx.dataset.outcome.detail}", flush=True)
+            for name, job in ctx.background.items():
+                if job.outcome is not None and name not in outcomes:
+                    outcomes[name] = job.outcome
+                    print(f"[{time.monotonic() - ctx.start:6.0f} s] {name} (background): {job.outcome.status} "
+                          f"({job.outcome.seconds:.0f} s) {job.outcome.detail}", flush=True)
             write_outputs(ctx, stages, outcomes, info, final=False)
-        outcomes[DATASET.name] = ctx.dataset.wait(max(ctx.remaining(), 0) + 30) or \
-            Outcome("fail", "still running at the end of the budget")
+        for name, job in ctx.background.items():
+            outcomes[name] = job.wait(max(ctx.remaining(), 0) + 30) or \
+                Outcome("fail", "still running at the end of the budget")
         info["load_avg_end"] = os.getloadavg()[0]
         info["wall_s"] = time.monotonic() - ctx.start
         record_stages(ctx, stages, outcomes)
@@ -188,6 +205,9 @@ def main(argv=None) -> int:
         print(report(ctx, repo_results=gpu and not args.no_repo_results), flush=True)
         text = write_outputs(ctx, stages, outcomes, info, final=True)
     finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        for proc in list(ctx.procs):  # only on an interruption: every stage waits for its own processes
+            stop_group(proc, grace_s=5)
         if not (args.keep_work or args.work):
             shutil.rmtree(work, ignore_errors=True)
     print(f"files in {ctx.out}: {', '.join(sorted(p.name for p in ctx.out.iterdir()))}")

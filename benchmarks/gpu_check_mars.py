@@ -50,6 +50,7 @@ def mars_train(ctx: Context, timeout: float) -> Outcome:
         log.flush()
         proc = subprocess.Popen(list(map(str, argv)), cwd=REPO, env=ctx.env(), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        ctx.procs.add(proc)
         # Training starts at the first log record; the clock for train_s runs from there.
         stop_at = start + timeout - SAVE_MARGIN_S
         first = None
@@ -66,6 +67,7 @@ def mars_train(ctx: Context, timeout: float) -> Outcome:
         except subprocess.TimeoutExpired:
             stop_group(proc)
             code = None
+        ctx.procs.discard(proc)
         log.write(f"[exit {code} after {time.monotonic() - start:.1f} s]\n")
     wall_s = time.monotonic() - start
     text = log_path.read_text(errors="replace")

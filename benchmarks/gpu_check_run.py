@@ -38,7 +38,8 @@ class Context:
     train_minutes: float
     start: float = field(default_factory=time.monotonic)
     results: Path = None  # this run's benchmark lines (STENVAN_BENCH_RESULTS)
-    dataset: "Background" = None
+    background: dict = field(default_factory=dict)  # name -> Background (stages running beside the others)
+    procs: set = field(default_factory=set)  # our live subprocesses (each its own process group), stopped at exit
     figures: dict = field(default_factory=dict)  # stage -> {name: value} for the summary and the targets
 
     @property
@@ -64,21 +65,25 @@ class Context:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def run_process(ctx: Context, stage: str, argv: list[str], timeout_s: float) -> tuple[int | None, float]:
-    """Run argv in its own process group with output appended to the stage's log; (exit code or None if it
-    was stopped at `timeout_s`, seconds)."""
+def run_process(ctx: Context, stage: str, argv: list[str], timeout_s: float,
+                env: dict | None = None) -> tuple[int | None, float]:
+    """Run argv in its own process group with output appended to the stage's log (`env`: extra variables);
+    (exit code or None if it was stopped at `timeout_s`, seconds)."""
     log_path = ctx.log(stage)
     start = time.monotonic()
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(argv)}   (timeout {timeout_s:.0f} s)\n")
         log.flush()
-        proc = subprocess.Popen(argv, cwd=REPO, env=ctx.env(), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, cwd=REPO, env={**ctx.env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        ctx.procs.add(proc)
         try:
             code = proc.wait(timeout=max(timeout_s, 1))
         except subprocess.TimeoutExpired:
             stop_group(proc)
             code = None
+        finally:
+            ctx.procs.discard(proc)
         log.write(f"[exit {code if code is not None else 'timeout'} after {time.monotonic() - start:.1f} s]\n")
     return code, time.monotonic() - start
 
@@ -113,7 +118,8 @@ class Background:
         except Exception as e:  # noqa: BLE001 - a broken stage is reported, the others go on
             outcome = Outcome("fail", f"{type(e).__name__}: {e}")
         outcome.seconds = time.monotonic() - start
-        ctx.figures["background_end_s"] = time.monotonic() - ctx.start  # stages timed before this shared the CPU
+        ends = ctx.figures.setdefault("background_end_s", {})
+        ends[self.stage.name] = time.monotonic() - ctx.start  # stages timed before this shared the machine with it
         self.outcome = outcome
 
     def wait(self, timeout_s: float) -> Outcome | None:

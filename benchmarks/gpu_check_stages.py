@@ -43,7 +43,7 @@ class Stage:
 
 def build_dataset(ctx: Context, timeout: float) -> Outcome:
     data, shards = data_paths(ctx)
-    n = max(1, ctx.cpus - 4) if ctx.gpu else ctx.cpus  # leave cores to the GPU stages running meanwhile
+    n = ctx.cpus  # all cores; the tests and compile_ahead run meanwhile (the summary says which stages overlapped)
     sizes = ["--real-sizes", "--test-scale", ctx.test_scale]
     if not ctx.gpu:  # tiny: 1 % of MARS's train split, 200 test frames, tracklets of at most 120 frames
         sizes += ["--scale", "0.01", "--max-len", "120", "--test-frames", "200"]
@@ -76,13 +76,33 @@ def with_dataset(run: Callable[[Context, float], Outcome]) -> Callable[[Context,
     """A stage that needs the shards waits for the background build, within its own time."""
     def wrapped(ctx: Context, timeout: float) -> Outcome:
         start = time.monotonic()
-        outcome = ctx.dataset.wait(timeout - 5)
+        outcome = ctx.background["dataset"].wait(timeout - 5)
         if outcome is None:
             return Outcome("fail", "the dataset was not ready within this stage's time")
         if outcome.status != "pass":
             return Outcome("skipped", "needs the dataset, which failed")
         return run(ctx, timeout - (time.monotonic() - start))
     return wrapped
+
+
+def compile_ahead(ctx: Context, timeout: float) -> Outcome:
+    """Compile the `ours+compile` train steps once, beside the tests (compiling is CPU work), so that the timed
+    compile stages later find torch.compile's caches (Inductor's FX graph and AOTAutograd caches, Triton's
+    kernels, on disk) warm and take seconds instead of minutes. Nothing is measured here."""
+    if not ctx.gpu:
+        return Outcome("skipped", "CPU smoke: no compile stages")
+    end = time.monotonic() + timeout
+    for arch in ("nvan", "ste_nvan"):
+        code, _ = run_process(ctx, "compile_ahead", py(ctx, "-m", "benchmarks.train_step", "--arch", arch, "--device",
+                                                       "cuda", "--batch", "32", "--variants", "ours+compile",
+                                                       "--warmup", "1", "--repeats", "1", "--no-checkpoint",
+                                                       "--no-save"), end - time.monotonic(),
+                                  # a few compile threads: the tests and the dataset build share the CPU meanwhile
+                                  # (the thread count is not part of Inductor's cache key)
+                                  env={"TORCHINDUCTOR_COMPILE_THREADS": "4"})
+        if code != 0:
+            return failed(code, ctx, "compile_ahead")
+    return Outcome("pass", "nvan and ste_nvan train steps compiled (caches warm for the compile stages)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,7 +169,7 @@ def describe_train_step(arch: str, compiled: bool) -> Callable[[Context], str]:
             r = _last(ctx.rows("train_step"), arch=arch, variant=variant)
             if r:
                 mem = "n/a" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 1e9:.1f} GB"
-                parts.append(f"{variant} {r['clips_per_s']:.1f} clips/s ({r['ratio_to_original']:.2f}x), peak {mem}, "
+                parts.append(f"{variant} {r['clips_per_s']:.1f} clips/s ({r['ratio_to_original'] or 0:.2f}x), peak {mem}, "
                              f"{r['achieved_tflops']:.1f} TFLOP/s")
         ckpt = _last(ctx.rows("train_step"), variant="checkpoints in the background")
         if ckpt and arch == "ste_nvan" and not compiled:
@@ -192,12 +212,14 @@ def train_step_stage(arch: str, compiled: bool) -> Callable[[Context, float], Ou
     if not compiled:
         return run
 
-    def maybe(ctx: Context, timeout: float) -> Outcome:
+    def after_compile_ahead(ctx: Context, timeout: float) -> Outcome:
         if not ctx.gpu:
             return Outcome("skipped", "CPU smoke: torch.compile of a ResNet-50 training step takes minutes on 2 "
                                       "cores (the trainer's compile path is a gpu test)")
-        return run(ctx, timeout)
-    return maybe
+        start = time.monotonic()
+        ctx.background["compile_ahead"].wait(timeout / 2)  # warm caches; cold if it failed (then it compiles here)
+        return run(ctx, timeout - (time.monotonic() - start))
+    return after_compile_ahead
 
 
 def loader_args(ctx: Context, gpu: bool) -> list:
@@ -217,8 +239,12 @@ def eval_args(ctx: Context, gpu: bool) -> list:
             "--data", shards, "--workers", "1"]
 
 
-DATASET = Stage("dataset", "synthetic MARS-layout set at MARS's real train sizes (test split scaled), generated and "
-                "prepared into shards on the CPU while the GPU stages run", 0.5, 0, build_dataset)
+BACKGROUND = [  # started at once, beside the stages below
+    Stage("dataset", "synthetic MARS-layout set at MARS's real train sizes (test split scaled), generated and "
+          "prepared into shards on the CPU while the GPU stages run", 0.5, 0, build_dataset),
+    Stage("compile_ahead", "torch.compile of the nvan and ste_nvan train steps beside the tests, so that the timed "
+          "compile stages find the caches warm (nothing measured)", 0.5, 0, compile_ahead),
+]
 STAGES = [
     Stage("tests", "pytest -m gpu: mixed decode = CPU decode, GPU loader = CPU loader, fused vs reference NL in "
           "bf16, steps under sync debug mode, DDP/NCCL + SyncBatchNorm, fp16 GradScaler, compile, eval after train",
@@ -263,11 +289,12 @@ def targets(ctx: Context) -> list[dict]:
         rows.append({"target": target, "figure": figure or "-", "verdict": verdict})
 
     steps = ctx.rows("train_step")
-    ours = [r for r in steps if r.get("arch") == "nvan" and r.get("variant") in ("ours", "ours+compile")]
-    best = max(ours, key=lambda r: r["ratio_to_original"], default=None)
+    ours = list({r["variant"]: r for r in steps  # the newest of each (the compile stage re-measures `ours`)
+                 if r.get("arch") == "nvan" and r.get("variant") in ("ours", "ours+compile")}.values())
+    best = max(ours, key=lambda r: r["ratio_to_original"] or 0, default=None)
     add("NVAN train step >= 3x the original configuration",
-        ", ".join(f"{r['variant']} {r['ratio_to_original']:.2f}x (batch {r['batch']})" for r in ours) or None,
-        best is not None and best["ratio_to_original"] >= 3)
+        ", ".join(f"{r['variant']} {r['ratio_to_original'] or 0:.2f}x (batch {r['batch']})" for r in ours) or None,
+        best is not None and (best["ratio_to_original"] or 0) >= 3)
     plain = _last(steps, arch="nvan", variant="ours")
     mem = plain and plain["peak_mem_bytes"]
     add("NVAN trainable at 32x8 in < 40 GB", f"{mem / 1e9:.1f} GB at batch {plain['batch']}" if mem else None,
@@ -335,9 +362,8 @@ def summary_text(ctx: Context, stages: list[Stage], outcomes: dict, info: dict, 
               "so no ImageNet weights): rank-1/mAP of the short run measure nothing but that evaluation works.",
               f"Skipped stages say why; a failed stage's output is in gpu_check.log. Exit code: 1 if any stage "
               f"failed."]
-    end = ctx.figures.get("background_end_s")
-    if end is not None:
-        shared = [name for name, t in ctx.figures.get("stage_start_s", {}).items() if t < end]
-        lines.append(f"The dataset build (CPU) ended {end:.0f} s after the start; stages that began before then shared "
-                     f"the CPU with it: {', '.join(shared) or 'none'}.")
+    for name, end in ctx.figures.get("background_end_s", {}).items():
+        shared = [stage for stage, t in ctx.figures.get("stage_start_s", {}).items() if t < end]
+        lines.append(f"Background stage {name} ended {end:.0f} s after the start; stages that began before then shared "
+                     f"the machine with it: {', '.join(shared) or 'none'}.")
     return "\n".join(lines) + "\n"

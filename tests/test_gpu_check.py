@@ -50,8 +50,8 @@ def test_gpu_check_goes_on_past_failed_stages_and_exits_non_zero(tmp_path, monke
 
     writes_a_result = ("from benchmarks.common import append_results; "
                        "append_results('probe', [{'variant': 'from a stage', 'device': 'cpu'}])")
-    monkeypatch.setattr(gpu_check_stages, "DATASET", Stage("dataset", "background", 0.5, 0,
-                                                           command("dataset", writes_a_result)))
+    monkeypatch.setattr(gpu_check_stages, "BACKGROUND", [Stage("dataset", "background", 0.5, 0,
+                                                               command("dataset", writes_a_result))])
     monkeypatch.setattr(gpu_check_stages, "STAGES", [
         Stage("fails", "exits 3", 0.2, 1, command("fails", "import sys; print('boom'); sys.exit(3)")),
         Stage("hangs", "outlives its time", 0.1, 1, command("hangs", "import time; time.sleep(120)")),
