@@ -9,19 +9,16 @@ train split; smoke mode uses tiny sizes, so that the whole check runs in about a
 from __future__ import annotations
 
 import json
+import os
 import re
-import signal
-import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from benchmarks.common import append_results, device_name, versions
 from benchmarks.gpu_check_mars import mars_eval, mars_train
 from benchmarks.gpu_check_run import Context, Outcome, data_paths, failed, py, run_process, workers
 
-MARS_TEST_FRAMES = 681_089  # every frame of the real MARS test split (dense evaluation)
 # Paper-size model arguments of the benchmarks; the smoke sizes keep every code path (STE-NVAN needs clip_len
 # a multiple of 4 and stripes dividing height/16).
 SMOKE_MODEL = ["--clip-len", "4", "--height", "32", "--width", "16"]
@@ -59,7 +56,7 @@ def build_dataset(ctx: Context, timeout: float) -> Outcome:
     if code != 0:
         return failed(code, ctx, "dataset")
     common = {"device": device_name("cpu"), "versions": versions(), "workers": n, "frames": frames,
-              "load_avg_1m": __import__("os").getloadavg()[0], "note": "gpu-check, beside the GPU stages"}
+              "load_avg_1m": os.getloadavg()[0], "note": "gpu-check, beside the GPU stages"}
     append_results("synthetic", [{**common, "variant": f"gpu-check mars train x{1 if ctx.gpu else 0.01:g} test "
                                   f"x{ctx.test_scale:g}", "layout": "mars", "median_s": gen_s, "frames_per_s":
                                   frames / gen_s, "frames_per_s_per_worker": frames / gen_s / n}])
@@ -188,6 +185,11 @@ def describe_eval(ctx: Context) -> str:
                      f"{r['projected_mars_dense_s'] / 60:.1f} min" for r in ctx.rows("eval"))
 
 
+def describe_search(ctx: Context) -> str:
+    r = _last(ctx.rows("search"))
+    return f"{r['queries']:,} queries x {r['gallery']:,} gallery in {r['seconds']:.2f} s, +{r['peak_extra_mib']:,.0f} MiB"
+
+
 def train_step_args(arch: str, compiled: bool, gpu: bool, ctx: Context) -> list:
     args = ["--arch", arch]
     if gpu:
@@ -268,6 +270,10 @@ STAGES = [
           with_dataset(mars_train)),
     Stage("mars_eval", "eval.py --mode dense on that run's checkpoint: frames/s, projected full-MARS time", 0.15, 25,
           with_dataset(mars_eval)),
+    Stage("search", "top-10 search of 1,000 queries in a 100,000-tracklet gallery on the GPU, chunked", 0.05, 8,
+          benchmark("search", "search", lambda ctx: ["--device", "cuda"],
+                    lambda ctx: ["--device", "cpu", "--gallery", "2000", "--queries", "50"], describe_search),
+          optional=True),
     Stage("compile_nvan", "NVAN train step with torch.compile (ours+compile vs original)", 0.3, 30,
           train_step_stage("nvan", True), optional=True),
     Stage("compile_ste_nvan", "STE-NVAN train step with torch.compile", 0.3, 30, train_step_stage("ste_nvan", True),

@@ -59,7 +59,7 @@ def test_gpu_check_goes_on_past_failed_stages_and_exits_non_zero(tmp_path, monke
         Stage("too_long", "needs more than the budget", 0.5, 1000, command("too_long", "pass"), optional=True),
     ])
     out = tmp_path / "out"
-    code = gpu_check.main(["--smoke", "--minutes", "0.5", "--out", str(out), "--work", str(tmp_path / "work")])
+    code = gpu_check.main(["--smoke", "--minutes", "0.2", "--out", str(out), "--work", str(tmp_path / "work")])
     assert code == 1
     summary = json.loads((out / "summary.json").read_text())
     status = {name: stage["status"] for name, stage in summary["stages"].items()}
