@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401 - for OptimizedModule below
 
 from stenvan.config import load_config
 from tests.test_train import TINY, shards  # noqa: F401 - the module's shard fixture
