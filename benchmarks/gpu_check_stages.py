@@ -369,6 +369,8 @@ def summary_text(ctx: Context, stages: list[Stage], outcomes: dict, info: dict, 
               f"Skipped stages say why; a failed stage's output is in gpu_check.log. Exit code: 1 if any stage "
               f"failed."]
     for name, end in ctx.figures.get("background_end_s", {}).items():
+        if name not in outcomes or outcomes[name].status == "skipped":
+            continue
         shared = [stage for stage, t in ctx.figures.get("stage_start_s", {}).items() if t < end]
         lines.append(f"Background stage {name} ended {end:.0f} s after the start; stages that began before then shared "
                      f"the machine with it: {', '.join(shared) or 'none'}.")
