@@ -175,7 +175,10 @@ def main(argv=None) -> int:
             # Smoke stages are tiny but a loaded 2-core machine can slow them several times: their caps are loose
             # (the budget still bounds the whole run).
             cap = stage.cap if ctx.gpu else max(stage.cap, SMOKE_CAP)
-            timeout = min(cap * ctx.budget_s, ctx.remaining() - (0 if stage.optional else reserve))
+            # Earlier stages come first: one gets at least least_s while that much is left, even if later ones
+            # then have to be skipped.
+            timeout = min(cap * ctx.budget_s, max(ctx.remaining() - (0 if stage.optional else reserve), stage.least_s),
+                          ctx.remaining())
             started = time.monotonic()
             ctx.figures.setdefault("stage_start_s", {})[stage.name] = started - ctx.start
             if timeout < stage.least_s:
@@ -208,16 +211,18 @@ def main(argv=None) -> int:
         write_outputs(ctx, stages, outcomes, info, final=True)
         print(report(ctx, repo_results=gpu and not args.no_repo_results), flush=True)
         text = write_outputs(ctx, stages, outcomes, info, final=True)
+        keep = args.keep_work or args.work
+        print(f"files in {ctx.out}: {', '.join(sorted(p.name for p in ctx.out.iterdir()))}; scratch {work} "
+              + ("kept" if keep else "removed next (a MARS-scale tree takes a while: --keep-work skips that)"))
+        print("\n" + text, flush=True)  # last: the device tool returns only the end of the output
+        count = {status: sum(o.status == status for o in outcomes.values()) for status in ("pass", "fail", "skipped")}
+        print(f"gpu-check: {count['pass']} passed, {count['fail']} failed, {count['skipped']} skipped", flush=True)
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         for proc in list(ctx.procs):  # only on an interruption: every stage waits for its own processes
             stop_group(proc, grace_s=5)
         if not (args.keep_work or args.work):
             shutil.rmtree(work, ignore_errors=True)
-    print(f"files in {ctx.out}: {', '.join(sorted(p.name for p in ctx.out.iterdir()))}")
-    print("\n" + text, flush=True)  # last: the device tool returns only the end of the output
-    count = {status: sum(o.status == status for o in outcomes.values()) for status in ("pass", "fail", "skipped")}
-    print(f"gpu-check: {count['pass']} passed, {count['fail']} failed, {count['skipped']} skipped")
     return 1 if count["fail"] else 0
 
 

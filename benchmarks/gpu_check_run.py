@@ -15,7 +15,8 @@ from pathlib import Path
 from benchmarks.common import RESULTS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
-LOG_KEEP_BYTES = 1_000_000  # per stage in gpu_check.log (its head and tail): 13 stages stay under the 16 MiB a file may have
+# Per stage in gpu_check.log (its head and tail): 13 stages stay under the 16 MiB a returned file may have.
+LOG_KEEP_BYTES = 1_000_000
 
 
 @dataclass
