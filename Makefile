@@ -13,7 +13,7 @@ DEMO_DATA ?= data/synthetic_mars
 DEMO_SHARDS ?= shards/synthetic_mars
 DEMO_RUN ?= runs/demo
 
-.PHONY: install test demo bench clean-demo
+.PHONY: install test demo bench gpu-check clean-demo
 
 install: $(STAMP)
 
@@ -58,6 +58,16 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.train_step --arch ste_nvan
 	$(PY) -m benchmarks.eval --data $(DEMO_SHARDS)
 	$(PY) -m benchmarks.report
+
+# The GPU path at real scale in one command (benchmarks/gpu_check.py, benchmarks/README.md): on a CUDA machine the
+# gpu tests, every benchmark at the paper's sizes and a MARS-scale run within --minutes (default 6); without CUDA a
+# CPU smoke run of the same stages at tiny sizes. No dependency on `make install`: it runs with the venv's python
+# when there is one, else python3 (the lent GPU image's torch), e.g.
+#   PYTHONPATH=$PWD:/tmp/site make gpu-check GPU_CHECK_ARGS="--out $OUT"
+GPU_CHECK_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_SHARDS) $(DEMO_RUN)

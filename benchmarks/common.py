@@ -2,18 +2,27 @@
 
 Every benchmark prints a table and appends one JSON object per measured variant to
 `benchmarks/results/<benchmark>.jsonl` with the benchmark name, the variant, the device and the versions.
+`STENVAN_BENCH_RESULTS=DIR` sends them to DIR/<benchmark>.jsonl instead (what `make gpu-check`'s CPU smoke mode
+does, so that trial runs never mix with the committed figures).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the committed results
+RESULTS_ENV = "STENVAN_BENCH_RESULTS"  # another results folder, for runs whose figures must not be committed
+
+
+def results_dir() -> Path:
+    """Where append_results writes: $STENVAN_BENCH_RESULTS when set, else benchmarks/results."""
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS_DIR)
 
 
 def device_name(device: str = "cpu") -> str:
@@ -31,8 +40,6 @@ def device_name(device: str = "cpu") -> str:
                     break
     except OSError:
         pass
-    import os
-
     return f"{cpu} ({len(os.sched_getaffinity(0))} cores)"
 
 
@@ -83,9 +90,10 @@ class Timer:
 
 
 def append_results(benchmark: str, rows: list[dict]) -> Path:
-    """Append one JSON object per measured variant to benchmarks/results/<benchmark>.jsonl."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{benchmark}.jsonl"
+    """Append one JSON object per measured variant to <results_dir()>/<benchmark>.jsonl."""
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{benchmark}.jsonl"
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with open(path, "a") as f:
         for row in rows:

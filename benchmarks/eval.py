@@ -20,9 +20,9 @@ MARS_TEST_FRAMES = 681_089
 
 
 @torch.no_grad()
-def model_rate(arch, device, precision, batch, clip_len, height, width, warmup, repeats) -> dict:
+def model_rate(arch, device, precision, batch, clip_len, height, width, warmup, repeats, stripes=None) -> dict:
     torch.manual_seed(0)
-    model = build_model(arch, 625).to(device).eval()
+    model = build_model(arch, 625, stripes=stripes).to(device).eval()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     clips = torch.randn(batch, clip_len, 3, height, width, device=device)
@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     parser.add_argument("--clip-len", type=int, default=8)
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--stripes", type=int, help="STE-NVAN stripes (default 16, the paper's; must divide height/16)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--data", help="prepared shards: also measure end-to-end dense extraction of the gallery")
     parser.add_argument("--loader", choices=("dali", "torch"), default="dali")
@@ -60,13 +61,14 @@ def main(argv=None) -> None:
     variants = {"model fp32": "fp32"} if ours == "fp32" else {"model fp32": "fp32", "model bf16 (ours)": "bf16"}
     rows = []
     for name, precision in variants.items():
-        r = model_rate(args.arch, device, precision, batch, args.clip_len, args.height, args.width, warmup, repeats)
+        r = model_rate(args.arch, device, precision, batch, args.clip_len, args.height, args.width, warmup, repeats,
+                       args.stripes if args.arch == "ste_nvan" else None)
         rows.append({"variant": name, "precision": precision, **r})
     if args.data:
         from stenvan.evaluate import extract_split
 
         torch.manual_seed(0)
-        model = build_model(args.arch, 625).to(device)
+        model = build_model(args.arch, 625, stripes=args.stripes if args.arch == "ste_nvan" else None).to(device)
         _, stats = extract_split(model, args.data, "gallery", mode="dense", clip_len=args.clip_len, height=args.height,
                                  width=args.width, device=device, precision=ours, loader=args.loader,
                                  workers=args.workers, batch_size=batch, progress=False)

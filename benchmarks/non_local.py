@@ -8,6 +8,7 @@ Usage:
     python -m benchmarks.non_local                            # CUDA when present (batch 32, bf16 autocast)
     python -m benchmarks.non_local --device cpu               # batch 2, fp32
     python -m benchmarks.non_local --device cuda --dtype float32 --batch 16
+    python -m benchmarks.non_local --device cpu --batch 1 --clip-len 2   # a quick look (make gpu-check's smoke mode)
 
 --batch is clips per step: 32 on a GPU (the paper's batch), 2 on the CPU by default (a 32-clip reference step
 at layer2 takes tens of seconds there). Time: median of --repeats steps after --warmup untimed ones, with a
@@ -99,8 +100,9 @@ def _max_rel_diff(blocks, x, frames, device, dtype) -> float:
     return ((fused.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
 
 
-def measure(shape_name, batch, device, dtype, warmup, repeats) -> list[dict]:
+def measure(shape_name, batch, device, dtype, warmup, repeats, clip_len=None) -> list[dict]:
     channels, frames, height, width = SHAPES[shape_name]
+    frames = clip_len or frames
     torch.manual_seed(0)
     fused = NonLocalBlock(channels, attention="fused").to(device)
     torch.nn.init.normal_(fused.bn.weight)  # a non-identity block, so the agreement check means something
@@ -148,6 +150,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="compute dtype, autocast when not float32 (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--clip-len", type=int, default=8, help="frames per clip: tokens = clip_len·H·W (default 8, "
+                                                                   "the paper's)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default: 20 on cuda, 5 on cpu)")
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/")
@@ -160,12 +164,12 @@ def main(argv=None):
     batch = args.batch or (32 if on_gpu else 2)
     dtype = DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
     repeats = args.repeats or (20 if on_gpu else 5)
-    if batch < 1 or repeats < 1 or args.warmup < 0:
-        parser.error("--batch and --repeats must be at least 1, --warmup at least 0")
+    if batch < 1 or repeats < 1 or args.warmup < 0 or args.clip_len < 1:
+        parser.error("--batch, --repeats and --clip-len must be at least 1, --warmup at least 0")
 
     rows = []
     for shape_name in args.shapes:
-        rows += measure(shape_name, batch, device, dtype, args.warmup, repeats)
+        rows += measure(shape_name, batch, device, dtype, args.warmup, repeats, args.clip_len)
 
     where = device_name(str(device))
     table = [[r["shape"], r["attention"], r["tokens"], r["head_dim"], r["median_s"] * 1e3, r["min_s"] * 1e3,
@@ -173,7 +177,7 @@ def main(argv=None):
               r.get("memory_ratio_vs_reference", "")] for r in rows]
     print_table(["shape", "attention", "tokens", "d", "median_ms", "min_ms", "max_ms", "peak_MiB", "backend",
                  "speedup", "mem_ratio"], table,
-                title=f"non-local block fwd+bwd, batch {batch} clips × 8 frames, {str(dtype).replace('torch.', '')}"
+                title=f"non-local block fwd+bwd, batch {batch} clips × {args.clip_len} frames, {str(dtype).replace('torch.', '')}"
                       f", {where}, median of {repeats}")
     diffs = ", ".join(f"{r['shape']} {r['max_rel_diff_fused_vs_reference']:.1e}" for r in rows[::2])
     print(f"fused vs reference forward, max relative difference: {diffs}")

@@ -2,6 +2,7 @@
 share of wall time training waits for checkpoints.
 
     python -m benchmarks.train_step --arch nvan [--device cuda] [--batch 32] [--compile] [--no-checkpoint]
+        [--variants original ours ours+compile] [--no-save]
 
 Model only: clips are random tensors already on the device (the loader is measured by benchmarks.loader).
 Variants, measured in the same run after a warm-up:
@@ -43,9 +44,10 @@ VARIANTS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def make_step(arch, variant, batch, clip_len, height, width, num_classes, device, compile_model):
+def make_step(arch, variant, batch, clip_len, height, width, num_classes, device, compile_model, stripes=None):
     torch.manual_seed(0)
-    model = build_model(arch, num_classes, attention=variant["attention"]).to(device)
+    model = build_model(arch, num_classes, attention=variant["attention"],
+                        stripes=stripes if arch == "ste_nvan" else None).to(device)
     if variant["channels_last"]:
         model.to(memory_format=torch.channels_last)
     if variant["fused_adam"]:
@@ -70,15 +72,30 @@ def make_step(arch, variant, batch, clip_len, height, width, num_classes, device
     return step, model, optimizer
 
 
-def measure(args, name, variant, device):
+def step_flops(args, variant, device) -> float:
+    """FLOPs of one eager step, forward + backward (optimizer FLOPs are negligible). A compiled step computes the
+    same, but FlopCounterMode sees nothing inside compiled code (and may make it recompile): count it eagerly."""
     step, model, _ = make_step(args.arch, variant, args.batch, args.clip_len, args.height, args.width, 625, device,
-                               name.endswith("compile"))
+                               False, args.stripes)
+    with flop_counter() as counter:
+        step()
+    del step, model
+    gc.collect()
+    return counter.get_total_flops()
+
+
+def measure(args, name, variant, device):
+    compiled = name.endswith("compile")
+    flops = step_flops(args, variant, device) if compiled else None
+    step, model, _ = make_step(args.arch, variant, args.batch, args.clip_len, args.height, args.width, 625, device,
+                               compiled, args.stripes)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    for _ in range(args.warmup):
+    for _ in range(args.warmup):  # a compiled step compiles here
         step()
-    with flop_counter() as counter:  # FLOPs of one step: forward + backward (optimizer FLOPs are negligible)
-        step()
-    flops = counter.get_total_flops()
+    if flops is None:
+        with flop_counter() as counter:  # counted on a step that also warms up
+            step()
+        flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -101,7 +118,7 @@ def measure(args, name, variant, device):
 def measure_checkpoints(args, device, background: bool) -> dict:
     """STE-NVAN (ours) for `ckpt_steps` steps, a checkpoint every `ckpt_every`: seconds the training waits."""
     step, model, optimizer = make_step("ste_nvan", VARIANTS["ours"], args.batch, args.clip_len, args.height,
-                                       args.width, 625, device, False)
+                                       args.width, 625, device, False, args.stripes)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     step()  # warm-up (allocations, cuDNN autotuning)
     with tempfile.TemporaryDirectory(dir=args.ckpt_dir, prefix="bench-ckpt-") as run_dir:
@@ -140,9 +157,14 @@ def main(argv=None) -> None:
     parser.add_argument("--clip-len", type=int, default=8)
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--stripes", type=int, help="STE-NVAN stripes (default 16, the paper's; must divide height/16)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also measure ours under torch.compile")
+    parser.add_argument("--variants", nargs="+", choices=("original", "ours", "ours+compile"),
+                        help="measure only these (default: original and ours, plus ours+compile with --compile); "
+                             "ratios to the original need `original` among them")
+    parser.add_argument("--no-save", action="store_true", help="do not append to the results (e.g. a warm-up run)")
     parser.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint-wait measurement")
     parser.add_argument("--ckpt-steps", type=int, help="steps of the checkpoint run (default: 12 GPU, 6 CPU)")
     parser.add_argument("--ckpt-every", type=int, default=3, help="steps between checkpoints in that run")
@@ -155,20 +177,22 @@ def main(argv=None) -> None:
         args.repeats = min(args.repeats, 3)
         args.warmup = min(args.warmup, 1)
     variants = dict(VARIANTS)
-    if args.compile:
+    if args.compile or (args.variants and "ours+compile" in args.variants):
         variants["ours+compile"] = VARIANTS["ours"]
+    if args.variants:
+        variants = {name: v for name, v in variants.items() if name in args.variants}
     rows = [measure(args, name, v, device) for name, v in variants.items()]
-    base = rows[0]["clips_per_s"]
+    base = rows[0]["clips_per_s"] if "original" in variants else None
     dev = device_name(args.device)
     results = []
     for r in rows:
-        r["ratio_to_original"] = r["clips_per_s"] / base
+        r["ratio_to_original"] = r["clips_per_s"] / base if base else None
         results.append({"arch": args.arch, "device": dev, "versions": versions(), "batch": args.batch,
                         "clip_len": args.clip_len, "height": args.height, "width": args.width, **r})
     print_table(["variant", "clips/s", "frames/s", "peak GiB", "TFLOP/s", "step ms", "vs original"],
                 [[r["variant"], r["clips_per_s"], r["frames_per_s"],
                   "n/a" if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30, r["achieved_tflops"],
-                  1000 * r["median_s"], r["ratio_to_original"]] for r in rows],
+                  1000 * r["median_s"], r["ratio_to_original"] or "-"] for r in rows],
                 title=f"train step, {args.arch}, {args.batch} clips x {args.clip_len} x {args.height}x{args.width}, "
                       f"{dev}")
     if not args.no_checkpoint:
@@ -179,6 +203,9 @@ def main(argv=None) -> None:
                     title=f"checkpoint wait, ste_nvan (ours), {args.ckpt_steps} steps of {args.batch} clips, a "
                           f"checkpoint every {args.ckpt_every}, {dev}")
         results += [{"device": dev, "versions": versions(), **r} for r in ckpt]
+    if args.no_save:
+        print("not saved (--no-save)")
+        return
     print(f"results appended to {append_results('train_step', results)}")
 
 

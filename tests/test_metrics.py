@@ -76,7 +76,7 @@ def test_distance_chunking_and_half_precision():
         pairwise_distance(q, g[:, :4])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_distance_on_cuda_matches_cpu():
     q, g = torch.randn(300, 64), torch.randn(400, 64)
     for metric in ("cosine", "euclidean"):

@@ -67,12 +67,17 @@ def test_only_log_points_read_scalars(shards, tmp_path, monkeypatch):  # noqa: F
 
 
 @pytest.mark.gpu
-def test_training_steps_run_clean_under_cuda_sync_debug_mode(shards, tmp_path, monkeypatch):  # noqa: F811
-    """On a GPU, a step raises if anything in it synchronises with the host (log points excluded)."""
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_training_steps_run_clean_under_cuda_sync_debug_mode(shards, tmp_path, monkeypatch, loader,  # noqa: F811
+                                                             precision):
+    """On a GPU, a step raises if anything in it synchronises with the host (log points excluded): with either
+    loader's batches (DALI's arrive on its own stream) and with fp16's GradScaler (fused Adam takes the scale and
+    the found-inf flag as device tensors)."""
     from stenvan.trainer import Trainer
 
     cfg = load_config(None, TINY + ["--device", "cuda", "--log_every", "1000", "--max_steps", "4",
-                                    "--ckpt_minutes", "0", "--precision", "bf16"],
+                                    "--ckpt_minutes", "0", "--precision", precision, "--loader", loader],
                       data=str(shards), out=str(tmp_path / "run"))
     trainer = Trainer(cfg)
     real_step = Trainer._step

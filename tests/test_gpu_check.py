@@ -1,0 +1,87 @@
+"""`make gpu-check`'s machinery on the CPU: results redirected away from the committed ones, a run's lines filed
+once, and a check that goes on past a failed or hung stage, skips what the budget cannot hold, and ends non-zero
+with at most 8 result files. (The real stages run in CI as `make gpu-check`, the smoke mode.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import common, report
+
+
+def test_results_go_where_stenvan_bench_results_points(tmp_path, monkeypatch):
+    committed = common.RESULTS_DIR / "redirect_probe.jsonl"
+    monkeypatch.setenv(common.RESULTS_ENV, str(tmp_path))
+    try:
+        path = common.append_results("redirect_probe", [{"variant": "a", "value": 1}])
+        assert path == tmp_path / "redirect_probe.jsonl" and not committed.exists()
+    finally:
+        committed.unlink(missing_ok=True)  # the old code wrote here: leave the repository clean either way
+    row = json.loads(path.read_text())
+    assert row["benchmark"] == "redirect_probe" and row["value"] == 1
+
+
+def test_report_files_a_runs_lines_once_and_writes_beside_them(tmp_path):
+    source = tmp_path / "run.jsonl"
+    lines = [{"benchmark": "eval", "variant": "x", "device": "d", "time": "t1", "frames_per_s": 5.0},
+             {"benchmark": "gpu_check", "variant": "tests", "device": "d", "time": "t1", "status": "pass"}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    folder = tmp_path / "results"
+    report.main(["--results-dir", str(folder), "--add", str(source)])
+    report.main(["--results-dir", str(folder), "--add", str(source)])  # again: nothing added twice
+    assert [json.loads(x)["variant"] for x in (folder / "eval.jsonl").read_text().splitlines()] == ["x"]
+    assert len((folder / "gpu_check.jsonl").read_text().splitlines()) == 1
+    text = (folder / "RESULTS.md").read_text()  # not benchmarks/RESULTS.md: another results folder
+    assert "## `gpu_check` (`make gpu-check`)" in text and "| d | tests | " in text
+
+
+def test_gpu_check_goes_on_past_failed_stages_and_exits_non_zero(tmp_path, monkeypatch):
+    from benchmarks import gpu_check, gpu_check_stages
+    from benchmarks.gpu_check_run import Outcome, failed, py, run_process
+    from benchmarks.gpu_check_stages import Stage
+
+    def command(name: str, code: str):
+        def run(ctx, timeout):
+            exit_code, _ = run_process(ctx, name, py(ctx, "-c", code), timeout)
+            return Outcome("pass", "ran") if exit_code == 0 else failed(exit_code, ctx, name)
+        return run
+
+    writes_a_result = ("from benchmarks.common import append_results; "
+                       "append_results('probe', [{'variant': 'from a stage', 'device': 'cpu'}])")
+    monkeypatch.setattr(gpu_check_stages, "BACKGROUND", [Stage("dataset", "background", 0.5, 0,
+                                                               command("dataset", writes_a_result))])
+    monkeypatch.setattr(gpu_check_stages, "STAGES", [
+        Stage("fails", "exits 3", 0.2, 3, command("fails", "import sys; print('boom'); sys.exit(3)")),
+        Stage("hangs", "outlives its time", 0.1, 3, command("hangs", "import time; time.sleep(120)")),
+        Stage("passes", "exits 0", 0.2, 3, command("passes", "print('fine')")),
+        # Needs more than the whole budget: skipped, and the time it would need is no reason to skip the ones before.
+        Stage("too_long", "needs more than the budget", 0.5, 1000, command("too_long", "pass")),
+    ])
+    out = tmp_path / "out"
+    code = gpu_check.main(["--smoke", "--minutes", "0.2", "--out", str(out), "--work", str(tmp_path / "work")])
+    assert code == 1
+    summary = json.loads((out / "summary.json").read_text())
+    status = {name: stage["status"] for name, stage in summary["stages"].items()}
+    assert status == {"dataset": "pass", "fails": "fail", "hangs": "fail", "passes": "pass", "too_long": "skipped"}
+    assert "exit code 3" in summary["stages"]["fails"]["detail"] and "boom" in summary["stages"]["fails"]["detail"]
+    assert "time limit" in summary["stages"]["hangs"]["detail"]
+    assert "budget" in summary["stages"]["too_long"]["detail"]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all(p.is_file() for p in out.iterdir()), files
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {"probe", "gpu_check"} <= {r["benchmark"] for r in results}  # a stage's lines came back, not committed
+    assert not (common.RESULTS_DIR / "probe.jsonl").exists()
+    assert "| fails | FAIL |" in (out / "summary.md").read_text()
+
+
+def test_gpu_mode_needs_cuda(capsys, monkeypatch):
+    import torch
+
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--gpu"])
+    assert exit_info.value.code == 2 and "no CUDA device" in capsys.readouterr().err

@@ -1,0 +1,249 @@
+"""The GPU training path (skipped without CUDA): fused non-local attention in bf16 at NVAN's shapes, DDP over NCCL
+with SyncBatchNorm in one process, fp16 with a GradScaler, and evaluation on the GPU right after training.
+
+One process can only form a world of one on one GPU (NCCL refuses two ranks on the same device), where torch's
+SyncBatchNorm module falls back to plain BatchNorm; so its synchronised kernels (statistics all-gathered over
+NCCL, gathered back, the fused backward) are called directly and compared with BatchNorm, and a DDP-wrapped
+SyncBatchNorm model is checked to train exactly like the plain model. `compile: true` is in test_gpu_compile.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from stenvan.config import load_config
+from stenvan.models.non_local import NonLocalBlock
+from tests.test_train import TINY, shards  # noqa: F401 - the module's shard fixture
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda", 0)
+# (C, T, H, W) of NVAN's non-local blocks for 8-frame 256x128 clips: 4,096 tokens of d = 256, 1,024 of d = 512.
+NL_SHAPES = {"layer2": (512, 8, 32, 16), "layer3": (1024, 8, 16, 8)}
+FUSED_KERNELS = {"_scaled_dot_product_flash_attention": "flash",
+                 "_scaled_dot_product_efficient_attention": "memory-efficient",
+                 "_scaled_dot_product_cudnn_attention": "cudnn"}
+
+
+class SdpaKernels(TorchDispatchMode):
+    """Which fused SDPA kernels ran (the math fallback decomposes into matmul/softmax and names none of them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in FUSED_KERNELS:
+            self.seen.add(FUSED_KERNELS[name])
+        return func(*args, **(kwargs or {}))
+
+
+def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.parametrize("shape", list(NL_SHAPES))
+def test_fused_non_local_matches_reference_in_bf16(shape):
+    """bf16 autocast, as training runs: the fused block (SDPA, scale 1) is as close to a float64 reference as the
+    original's explicit matmul-softmax-matmul in bf16, forward and backward, and runs a fused kernel, never math."""
+    channels, frames, height, width = NL_SHAPES[shape]
+    torch.manual_seed(0)
+    fused = NonLocalBlock(channels, attention="fused").to(CUDA)
+    torch.nn.init.normal_(fused.bn.weight)  # a non-identity block (its BN starts at zero)
+    torch.nn.init.normal_(fused.bn.bias)
+    reference = NonLocalBlock(channels, attention="reference").to(CUDA)
+    reference.load_state_dict(fused.state_dict())
+    exact = NonLocalBlock(channels, attention="reference").to(CUDA, torch.float64)
+    exact.load_state_dict(fused.state_dict())
+    x = torch.randn(2 * frames, channels, height, width, device=CUDA)  # 2 clips, (B·T, C, H, W)
+    x = x.contiguous(memory_format=torch.channels_last)  # as the model runs
+    grad_out = torch.randn_like(x)
+
+    def run(block, dtype):
+        inp = x.detach().to(dtype).requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float64):
+            out = block(inp, group_frames=frames) - inp  # the attention branch alone (x passes through exactly)
+        out.backward(grad_out.to(dtype))
+        return out.detach(), inp.grad, block.theta.weight.grad
+
+    kernels = SdpaKernels()
+    with kernels:
+        got = run(fused, torch.float32)
+    ours, original, truth = got, run(reference, torch.float32), run(exact, torch.float64)
+    errors = {name: (relative_error(a, t), relative_error(b, t)) for name, a, b, t in
+              zip(("output", "input grad", "theta weight grad"), ours, original, truth)}
+    print(f"{shape}: SDPA kernel {sorted(kernels.seen)}; relative error vs float64 (fused, reference): {errors}")
+    assert kernels.seen, f"{shape}: SDPA fell back to the math path (no fused kernel ran)"
+    for name, (fused_error, reference_error) in errors.items():
+        assert math.isfinite(fused_error) and fused_error < 5e-2, (shape, name, errors)
+        assert fused_error <= 2 * reference_error + 1e-3, (shape, name, errors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DDP over NCCL, SyncBatchNorm
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def nccl_world(monkeypatch):
+    """A single-rank NCCL process group through env:// (what torchrun --nproc_per_node=1 sets up)."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    torch.cuda.set_device(CUDA)
+    dist.init_process_group("nccl", init_method="env://", rank=0, world_size=1, device_id=CUDA)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_batchnorm_over_nccl_equals_batchnorm(nccl_world):
+    """SyncBatchNorm's synchronised path (stats all-gathered over NCCL, combined, fused backward) = BatchNorm over
+    the same batch, channels_last as in the model; and our gradient-carrying all-gather runs over NCCL."""
+    from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFunction
+
+    from stenvan.distributed import _GatherWithGrad
+
+    torch.manual_seed(0)
+    x = (3 * torch.randn(16, 64, 8, 4, device=CUDA) + 1).contiguous(memory_format=torch.channels_last)
+    weight, bias, grad_out = torch.randn(64, device=CUDA), torch.randn(64, device=CUDA), torch.randn_like(x)
+    results = []
+    for synchronised in (True, False):
+        inp, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))
+        mean, var = torch.zeros(64, device=CUDA), torch.ones(64, device=CUDA)
+        if synchronised:
+            y = SyncBatchNormFunction.apply(inp, w, b, mean, var, 1e-5, 0.1, nccl_world.group.WORLD, 1)
+        else:
+            y = F.batch_norm(inp, mean, var, w, b, training=True, momentum=0.1, eps=1e-5)
+        y.backward(grad_out)
+        results.append((y, mean, var, inp.grad, w.grad, b.grad))
+    for name, got, want in zip(("output", "running mean", "running var", "input grad", "weight grad", "bias grad"),
+                               *results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    assert results[0][1].abs().max() > 0.05  # the running mean moved: the statistics were really taken
+
+    feats = torch.randn(8, 32, device=CUDA, requires_grad=True)
+    gathered = _GatherWithGrad.apply(feats)  # all_gather forward, all_reduce backward, over NCCL
+    (2 * gathered).sum().backward()
+    assert torch.equal(gathered, feats) and torch.equal(feats.grad, torch.full_like(feats, 2.0))
+
+
+def test_ddp_with_sync_batchnorm_trains_exactly_like_the_plain_model(nccl_world):
+    """A tiny STE-NVAN as the trainer builds it for several GPUs (SyncBatchNorm, channels_last, DDP over NCCL,
+    fused Adam, the re-id loss) takes the same steps as the plain model: DDP's bucketed all-reduce and SyncBatchNorm
+    change nothing for one rank, so any difference is a bug in how they are wired."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from stenvan.losses import ReIDLoss
+    from stenvan.models import build_model
+    from stenvan.optim import build_optimizer
+
+    old = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # bitwise-repeatable convs
+    try:
+        torch.manual_seed(1)
+        clips = torch.randn(8, 4, 3, 32, 16, device=CUDA)  # (B, T, 3, H, W): 4 ids x 2 clips
+        labels = torch.arange(8, device=CUDA) // 2
+        models = []
+        for distributed in (True, False):
+            torch.manual_seed(0)
+            model = build_model("ste_nvan", 4, stripes=2)
+            if distributed:
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = model.to(CUDA).to(memory_format=torch.channels_last)
+            models.append(model)
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in models[0].modules())
+        initial = {k: v.clone() for k, v in models[1].state_dict().items()}
+        for model, forward in ((models[0], DistributedDataParallel(models[0], device_ids=[CUDA.index])),
+                               (models[1], models[1])):
+            optimizer = build_optimizer(list(model.parameters()), "adam", lr=1e-2, weight_decay=5e-5)
+            criterion = ReIDLoss()
+            for _ in range(3):
+                feats, logits = forward(clips)
+                criterion(feats, logits, labels)["loss"].backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        ddp_state, plain_state = models[0].state_dict(), models[1].state_dict()
+        assert ddp_state.keys() == plain_state.keys()
+        for key, value in plain_state.items():
+            torch.testing.assert_close(ddp_state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        moved = max((plain_state[k].float() - initial[k].float()).abs().max().item() for k in plain_state)
+        assert moved > 1e-3  # not vacuous: the steps changed the weights
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer on the GPU: fp16 + GradScaler, evaluation right after training
+# ----------------------------------------------------------------------------------------------------------
+
+def records(run_dir, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_fp16_with_grad_scaler_trains(shards, tmp_path):  # noqa: F811
+    """precision fp16 (what `auto` picks before Ampere): DALI delivers fp16 clips, the GradScaler scales the loss,
+    fused Adam unscales and skips overflowing steps on the device; the run ends with finite losses, updated
+    weights and the scaler's state in the checkpoint."""
+    from stenvan.checkpoint import read_checkpoint
+    from stenvan.trainer import Trainer
+
+    out = tmp_path / "run"
+    # 16 steps: the scaler starts at 2^16 and halves on each overflowing step (skipped) until the gradients fit.
+    cfg = load_config(None, TINY + ["--device", "cuda", "--precision", "fp16", "--loader", "dali", "--epochs", "5",
+                                    "--max_steps", "16", "--log_every", "4", "--ckpt_minutes", "0"],
+                      data=str(shards), out=str(out))
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.scaler.is_enabled() and trainer.precision == "fp16"
+        initial = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}  # weights, not BN statistics
+        assert trainer.fit().global_step == 16
+    finally:
+        trainer.close()
+    state = read_checkpoint(out / "last.pt")
+    scale = state["scaler"]["scale"]
+    assert math.isfinite(scale) and 0 < scale <= 2.0 ** 16 and math.log2(scale).is_integer(), scale
+    losses = [r["loss"] for r in records(out, "train") if "loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses), losses
+    changed = [k for k, v in initial.items() if not torch.equal(v.cpu(), state["model"][k])]
+    assert len(changed) > len(initial) // 2, f"only {len(changed)} of {len(initial)} weights changed (scale {scale})"
+
+
+def test_evaluation_on_the_gpu_right_after_training(shards, tmp_path, monkeypatch):  # noqa: F811
+    """The trainer evaluates at the end of an epoch on the GPU: its DALI eval pipeline starts after CUDA is up
+    (so its workers are spawned, not forked) and the metrics arrive."""
+    from stenvan.data import dali_loader
+    from stenvan.trainer import Trainer
+
+    built = []
+    real_build = dali_loader.build_pipeline
+
+    def recording_build(source, **kwargs):
+        built.append((type(source).__name__, torch.cuda.is_initialized()))
+        return real_build(source, **kwargs)
+
+    monkeypatch.setattr(dali_loader, "build_pipeline", recording_build)
+    out = tmp_path / "run"
+    cfg = load_config(None, TINY + ["--device", "cuda", "--loader", "dali", "--epochs", "1", "--eval_every", "1",
+                                    "--eval_mode", "dense", "--ckpt_minutes", "0"], data=str(shards), out=str(out))
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert ("EvalSource", True) in built, built  # an eval pipeline built with CUDA initialised
+    evals = records(out, "eval")
+    assert len(evals) == 1
+    assert 0 <= evals[0]["standard_mAP"] <= 1 and 0 <= evals[0]["standard_rank1"] <= 1, evals[0]
