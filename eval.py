@@ -8,6 +8,9 @@
 Writes metrics.json, features.npz, cmc.png and ranked_list.png to --out (default: <checkpoint dir>/eval-<mode>,
 with -untrained appended for --untrained). --rerank adds `official_rerank`, `standard_rerank` and
 `torchreid_rerank` (k-reciprocal re-ranking, Zhong et al. 2017) next to the plain results, never in their place.
+The outputs are written together (each to a temp file first, then all renamed into place): a full disk or a
+read-only --out ends in one line naming the file (exit 2) and leaves the folder as it was. A checkpoint without
+its .sha256 loads with a one-line warning (nothing can check its bytes).
 """
 
 import argparse
@@ -50,14 +53,22 @@ def main(argv=None) -> int:
     from stenvan.amp import resolve_precision
     from stenvan.checkpoint import CheckpointError
     from stenvan.distributed import DeviceError, describe
+    from stenvan.errors import describe_os_error
     from stenvan.evaluate import evaluate_model, load_model_for_eval, with_rerank, write_outputs
     from stenvan.evaluation import format_table
     from stenvan.shards import ShardFormatError
 
+    default_out = f"eval-{args.mode}" + ("-untrained" if args.untrained else "")
+    out = Path(args.out or Path(args.checkpoint).parent / default_out)
+    created = not out.exists()
     try:
         device = describe(args.device).device
         precision = resolve_precision(args.precision, device)
         model, settings = load_model_for_eval(args.checkpoint, args.original_arch, args.untrained)
+        # The output folder before the features: a path that cannot take the outputs fails now, not after them.
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out}: exists and is not a folder; --out names the output folder")
+        out.mkdir(parents=True, exist_ok=True)
         model.to(device)
         settings.update({k: v for k, v in (("clip_len", args.clip_len), ("height", args.height),
                                            ("width", args.width)) if v is not None})
@@ -72,19 +83,20 @@ def main(argv=None) -> int:
                                   lambda_value=args.rerank_lambda)
             rerank = {"k1": args.rerank_k1, "k2": args.rerank_k2, "lambda": args.rerank_lambda,
                       "seconds": time.perf_counter() - start}
-    except (CheckpointError, ShardFormatError, DeviceError, ValueError, ImportError) as e:
-        print(f"eval: error: {e}", file=sys.stderr)
+        extra = {"checkpoint": str(args.checkpoint), "model": settings["source"], "arch": settings["arch"],
+                 "mode": args.mode, "metric": args.metric, "data": str(args.data), "feature_frames_per_s":
+                 stats["frames_per_s"]}
+        if args.rerank:
+            extra["rerank_params"] = rerank
+        metrics = write_outputs(out, results, features, records, origin, args.data, args.metric, extra)
+        if args.summary:
+            merge_summary(args.summary, args.label, metrics)
+    except (CheckpointError, ShardFormatError, DeviceError, ValueError, ImportError, OSError) as e:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # the folder this run made for outputs it never wrote
+        line = describe_os_error(e, "rerun") if isinstance(e, OSError) else e
+        print(f"eval: error: {line}", file=sys.stderr)
         return 2
-    default_out = f"eval-{args.mode}" + ("-untrained" if args.untrained else "")
-    out = Path(args.out or Path(args.checkpoint).parent / default_out)
-    extra = {"checkpoint": str(args.checkpoint), "model": settings["source"], "arch": settings["arch"],
-             "mode": args.mode, "metric": args.metric, "data": str(args.data), "feature_frames_per_s":
-             stats["frames_per_s"]}
-    if args.rerank:
-        extra["rerank_params"] = rerank
-    metrics = write_outputs(out, results, features, records, origin, args.data, args.metric, extra)
-    if args.summary:
-        merge_summary(args.summary, args.label, metrics)
     print(format_table(results))
     print(f"features: {stats['frames']:,} frames at {stats['frames_per_s']:,.0f} frames/s; outputs in {out}")
     return 0

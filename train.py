@@ -2,13 +2,14 @@
 
     python train.py --config configs/ste_nvan_mars.yaml --data shards/mars --out runs/ste_mars      # 1 process
     torchrun --nproc_per_node=8 train.py --config configs/ste_nvan_mars.yaml --data shards/mars --out runs/x
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --max-restarts=3 \
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --max-restarts=3 \\
         train.py --config configs/nvan_mars.yaml --data shards/mars --out runs/y --resume auto
     python train.py ... --resume auto        # continue from the newest valid checkpoint in --out
     python train.py ... --max-steps 100 --lr 3e-4 --precision fp32   # any config key: --key value
 
-Exit codes: 0 finished or stopped cleanly by a signal (resume with --resume auto), 2 bad config/checkpoint,
-3 stopped by non-finite losses.
+Exit codes: 0 finished or stopped cleanly by a signal (resume with --resume auto), 2 an error (bad config, data,
+checkpoint or run folder, another run holding --out, a shard changed under the run, a full disk; one line on
+stderr says which), 3 stopped by non-finite losses.
 """
 
 import argparse
@@ -17,12 +18,17 @@ import sys
 from stenvan.checkpoint import CheckpointError
 from stenvan.config import ConfigError, load_config
 from stenvan.distributed import DeviceError
+from stenvan.errors import describe_os_error
+from stenvan.lock import LockError
+from stenvan.resume import RankZeroError
+from stenvan.run_folder import RunFolderError
 from stenvan.shards import ShardFormatError
 
 # RuntimeError: torchvision could not download the ImageNet weights (its message says how to get the file);
 # FileNotFoundError: a --pretrained path that does not exist; ImportError: --loader dali without DALI.
-USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, ValueError, FileNotFoundError,
-               RuntimeError, ImportError)
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, LockError, RunFolderError, RankZeroError,
+               ValueError, FileNotFoundError, RuntimeError, ImportError)
+RETRY = "continue with --resume auto"  # what to do once a full disk has room again
 
 
 def main(argv=None) -> int:
@@ -35,23 +41,35 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides, data=args.data, out=args.out)
+        from stenvan.failures import RankFailed
         from stenvan.trainer import Trainer, TrainingStopped
 
         trainer = Trainer(cfg, resume=args.resume)
-    except USER_ERRORS as e:  # bad config, data, checkpoint, weights file or device: one line, no traceback
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # bad config, data, checkpoint, run folder, weights or device
+        return error(e)
+    except OSError as e:  # --out not writable, a full disk: one line naming the path, no traceback
+        return error(describe_os_error(e, RETRY))
+    code = 0
     try:
         trainer.fit()
     except TrainingStopped as e:
         print(f"train: stopped: {e}", file=sys.stderr)
-        return 3
-    except (ShardFormatError, CheckpointError) as e:  # a shard replaced under a running job; a failed checkpoint write
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
+        code = 3
+    except (ShardFormatError, CheckpointError, RankFailed) as e:  # a shard changed under the run; a checkpoint
+        code = error(e)                                           # write that failed; the same on another rank
+    except OSError as e:
+        code = error(describe_os_error(e, RETRY))
     finally:
-        trainer.close()
-    return 0
+        try:
+            trainer.close()  # waits for the checkpoint in flight, which may fail too
+        except (CheckpointError, OSError) as e:
+            code = code or error(describe_os_error(e, RETRY) if isinstance(e, OSError) else e)
+    return code
+
+
+def error(e) -> int:
+    print(f"train: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Self-describing, atomic, verifiable checkpoints.
 
 A checkpoint is one dict (format name and version, config, model, optimizer, scaler, scheduler, progress,
-sampler position, RNG states) saved with `torch.save`, written to a temp file, read back and checked against
-the sha256 of the bytes written, then renamed. The sha256 goes into a sidecar `<name>.sha256` written after
-it, so a truncated or corrupted file is detected and skipped on resume (and set aside as `<name>.bad`).
-`last.pt` is a hard link to the newest checkpoint. Everything loads with `weights_only=True`.
-`stenvan.checkpoint_writer` writes these files in the background; `stenvan.resume` picks the one to resume from.
+sampler position, RNG states, the dataset's fingerprint) saved with `torch.save`, written to a temp file, read
+back and checked against the sha256 of the bytes written, then renamed. The sha256 goes into a sidecar
+`<name>.sha256` written after it, so a truncated or corrupted file is detected and skipped on resume (and set
+aside as `<name>.bad`). A file without a sidecar (a write killed between the rename and the sidecar, a copy made
+without it) is *unverified*: resume passes it over for a verified one (setting it aside as `<name>.unverified`),
+and an explicit load warns in one line. `last.pt` is a hard link to the newest checkpoint, verified by that step
+file's sidecar. Everything loads with `weights_only=True`. `stenvan.checkpoint_writer` writes these files in the
+background; `stenvan.resume` picks the one to resume from.
 """
 
 from __future__ import annotations
@@ -36,10 +39,15 @@ class _HashingFile:
 
     def __init__(self, f):
         self.f, self.sha256 = f, hashlib.sha256()
+        self.error: OSError | None = None  # torch.save reports a failed write as "unexpected pos": keep the cause
 
     def write(self, data) -> int:
         self.sha256.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -58,7 +66,12 @@ def write_checkpoint_file(state: dict, path: str | os.PathLike) -> Path:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             out = _HashingFile(f)
-            torch.save({"format": FORMAT, "version": VERSION, **state}, out)
+            try:
+                torch.save({"format": FORMAT, "version": VERSION, **state}, out)
+            except Exception:
+                if out.error is not None:  # e.g. a full disk, which torch turns into an "unexpected pos" error
+                    raise out.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         digest = out.sha256.hexdigest()
@@ -66,7 +79,9 @@ def write_checkpoint_file(state: dict, path: str | os.PathLike) -> Path:
             raise CheckpointError(f"{path}: the bytes read back differ from those written; check the disk")
         sidecar.unlink(missing_ok=True)  # a stale hash beside a rewritten file would make it look corrupt
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name ours
+            e.filename = str(path)
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
@@ -96,22 +111,51 @@ def step_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load and check one checkpoint file; raises CheckpointError naming the file and the problem."""
-    return read_checkpoint_and_digest(path, map_location)[0]
+    """Load and check one checkpoint file; raises CheckpointError naming the file and the problem. A file without
+    a `.sha256` to check it against loads with a one-line warning on stderr (see `read_checkpoint_and_digest`)."""
+    state, _, verified = read_checkpoint_and_digest(path, map_location)
+    if not verified:
+        print(f"warning: {unverified_line(path)}", file=sys.stderr, flush=True)
+    return state
 
 
-def read_checkpoint_and_digest(path: str | os.PathLike, map_location="cpu") -> tuple[dict, str]:
-    """`read_checkpoint`, and the sha256 of the file (how ranks check that they read the same bytes)."""
+def unverified_line(path: str | os.PathLike) -> str:
+    path = Path(path)
+    return (f"{path}: unverified: no {path.name}.sha256 beside it to check its bytes against (a copy made without "
+            "it, or a write cut short), so a damaged file would load with wrong weights")
+
+
+def sidecar_digest(path: Path) -> tuple[str | None, str]:
+    """(the sha256 the file must have, or None if nothing records it; the sidecar's name, for messages).
+
+    `last.pt` is a hard link to the newest step file, and has no sidecar of its own: the step file that is the
+    same file gives it (in a copied run folder, where the link became a copy, any step file's sidecar may)."""
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.is_file():
+        return sidecar.read_text().strip(), sidecar.name
+    if path.name == "last.pt":
+        for step in reversed(step_checkpoints(path.parent)):
+            if os.path.samefile(step, path):
+                return sidecar_digest(step)
+        for bad in path.parent.glob("step-*.pt.bad"):
+            if os.path.samefile(bad, path):  # resume set its step file aside as damaged; last.pt is that file
+                raise CheckpointError(f"{path}: is the same file as {bad.name}, which resume set aside as damaged; "
+                                      "use the newest step-*.pt instead")
+    return None, sidecar.name
+
+
+def read_checkpoint_and_digest(path: str | os.PathLike, map_location="cpu") -> tuple[dict, str, bool]:
+    """(state, sha256 of the file, verified): `read_checkpoint` without the warning; verified is False when no
+    `.sha256` records what the file must hold (how ranks check that they read the same bytes: the sha256)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     digest = sha256_file(path)
-    sidecar = path.with_name(path.name + ".sha256")
-    if path.name == "last.pt":  # last.pt is a link to a step file: its sidecar is the step file's
-        target = next((p for p in step_checkpoints(path.parent) if os.path.samefile(p, path)), None)
-        sidecar = target.with_name(target.name + ".sha256") if target else sidecar
-    if sidecar.is_file() and sidecar.read_text().strip() != digest:
-        raise CheckpointError(f"{path}: sha256 does not match {sidecar.name}: the file is corrupt or truncated")
+    expected, sidecar_name = sidecar_digest(path)
+    if expected is None and path.name == "last.pt":  # a copy of last.pt: verified if it equals a sidecar's record
+        expected = digest if digest in _step_digests(path.parent) else None
+    if expected is not None and expected != digest:
+        raise CheckpointError(f"{path}: sha256 does not match {sidecar_name}: the file is corrupt or truncated")
     try:
         # Memory-mapped: the tensors are read from the page cache, which the ranks of a node resuming from the
         # same file share, instead of every rank holding the file's bytes and a copy of them.
@@ -127,27 +171,59 @@ def read_checkpoint_and_digest(path: str | os.PathLike, map_location="cpu") -> t
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {state.get('version')}, this stenvan reads "
                               f"version {VERSION}")
-    return state, digest
+    return state, digest, expected is not None
+
+
+def _step_digests(run_dir: Path) -> set[str]:
+    return {p.with_name(p.name + ".sha256").read_text().strip() for p in step_checkpoints(run_dir)
+            if p.with_name(p.name + ".sha256").is_file()}
 
 
 def newest_valid_checkpoint(run_dir: str | os.PathLike, map_location="cpu") -> tuple[Path, dict] | None:
-    """The newest step checkpoint that loads and verifies; damaged newer ones are reported and skipped."""
+    """The newest step checkpoint that loads and verifies (see `newest_valid_checkpoint_and_digest`)."""
     found = newest_valid_checkpoint_and_digest(run_dir, map_location)
     return found and found[:2]
 
 
 def newest_valid_checkpoint_and_digest(run_dir: str | os.PathLike,
                                        map_location="cpu") -> tuple[Path, dict, str] | None:
-    """`newest_valid_checkpoint`, with the sha256 of the file. Only one process may call it on a run folder at a
-    time (it renames damaged files): in a distributed run, rank 0 (see `stenvan.resume`)."""
+    """(path, state, sha256) of the newest step checkpoint that loads and verifies against its `.sha256`.
+
+    Damaged files are set aside as `<name>.bad`. Newer files without a `.sha256` (a write cut short between the
+    rename and the sidecar, a copy without it) are unverified: passed over for a verified older one and set aside
+    as `<name>.unverified`, or, when no checkpoint verifies, the newest of them that loads is used, with a line
+    saying so. Set aside, they no longer count among the kept checkpoints nor come back on the next resume.
+    Only one process may call this on a run folder at a time (it renames files): in a distributed run, rank 0
+    (see `stenvan.resume`)."""
+    unverified = []
     for path in reversed(step_checkpoints(run_dir)):
+        if not path.with_name(path.name + ".sha256").is_file():
+            unverified.append(path)  # loaded only if nothing verified is found
+            continue
         try:
-            return (path, *read_checkpoint_and_digest(path, map_location))
+            state, digest, _ = read_checkpoint_and_digest(path, map_location)
         except CheckpointError as e:
-            # Set aside as <name>.bad: kept for inspection, but no longer counted among the kept checkpoints.
-            os.replace(path, path.with_name(path.name + ".bad"))
-            sidecar = path.with_name(path.name + ".sha256")
-            if sidecar.exists():
-                os.replace(sidecar, path.with_name(path.name + ".sha256.bad"))
-            print(f"resume: skipping {e} (renamed to {path.name}.bad)", file=sys.stderr, flush=True)
+            _set_aside(path, ".bad", f"resume: skipping {e}")
+            continue
+        for newer in unverified:
+            _set_aside(newer, ".unverified", f"resume: skipping {unverified_line(newer)}; {path.name} verifies")
+        return path, state, digest
+    for path in unverified:
+        try:
+            state, digest, _ = read_checkpoint_and_digest(path, map_location)
+        except CheckpointError as e:
+            _set_aside(path, ".bad", f"resume: skipping {e}")
+            continue
+        print(f"resume: warning: no checkpoint in {run_dir} verifies; continuing from {unverified_line(path)}",
+              file=sys.stderr, flush=True)
+        return path, state, digest
     return None
+
+
+def _set_aside(path: Path, suffix: str, line: str) -> None:
+    """Rename a checkpoint (and its sidecar) to <name><suffix>: kept for inspection, no longer a step checkpoint."""
+    os.replace(path, path.with_name(path.name + suffix))
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.exists():
+        os.replace(sidecar, path.with_name(path.name + ".sha256" + suffix))
+    print(f"{line} (renamed to {path.name}{suffix})", file=sys.stderr, flush=True)

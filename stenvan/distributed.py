@@ -97,6 +97,31 @@ def barrier() -> None:
         dist.barrier()
 
 
+def host_group(world: World):
+    """The process group for agreeing on the host (`first_failure`): gloo, so that the GPU never waits for it.
+    The default group where it is gloo already (CPU runs), a gloo group beside NCCL on GPUs; None alone."""
+    if world.size == 1:
+        return None
+    return dist.new_group(backend="gloo") if world.device.type == "cuda" else dist.group.WORLD
+
+
+def first_failure(line: str | None, rank: int, world_size: int, store: dist.Store, group) -> tuple[int, str] | None:
+    """Every rank calls this at the same point: (the lowest rank that failed, its `line`), or None if no rank did.
+
+    One all-reduce of one integer on the CPU (gloo: the GPU never waits for it, nor the step's collectives for
+    it); the failing rank's line travels through the run's store. A rank that stops alone would leave the others
+    waiting in the step's collectives until the 30-minute timeout; agreeing here first, every rank stops together.
+    """
+    if line is not None:
+        store.set(f"stenvan/failure/rank{rank}", line)
+    first = torch.tensor([rank if line is not None else world_size], dtype=torch.int64)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+    failed = int(first.numpy()[0])  # host memory: no device sync (and no scalar read for the step-sync test)
+    if failed == world_size:
+        return None
+    return failed, store.get(f"stenvan/failure/rank{failed}").decode()
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """Forward: every rank's (B, ...) tensor concatenated in rank order, (W·B, ...). Backward: every rank's
     gradient of the concatenation is summed (each rank's loss used all of it) and this rank keeps its rows.

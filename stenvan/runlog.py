@@ -37,8 +37,12 @@ class RunLog:
         """One JSON line {kind, step, time, **values}, TensorBoard scalars `<kind>/<name>`, and a human line."""
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+            self.jsonl.flush()
+        except OSError as e:  # a full disk: a failed write names no file, so name ours
+            e.filename = e.filename or str(self.run_dir / "metrics.jsonl")
+            raise
         if self.tb is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

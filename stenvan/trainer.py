@@ -4,7 +4,10 @@ One code path for CPU, one GPU and N GPUs on M nodes (torchrun). Checkpoints hol
 snapshotted at a step boundary and written in the background (`stenvan.checkpoint_writer`) every
 `ckpt_minutes` minutes, every `ckpt_every` steps if asked, at the end of the run and on SIGTERM/SIGINT.
 A step never waits for the GPU: losses and non-finite counts stay on the device and reach the host (one sync)
-every `log_every` steps, where the ranks also agree on stopping.
+every `log_every` steps, where the ranks also agree on stopping. Rank 0 holds the run folder's lock for the
+whole run (`stenvan.run_folder`); a resume must keep what its checkpoint was trained with
+(`stenvan.resume_checks`); a shard changed under the run stops every rank at the same step boundary, with that
+step's checkpoint (`stenvan.failures`).
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from stenvan.amp import autocast as amp_autocast
 from stenvan.builders import build_model_from_config
 from stenvan.checkpoint import CheckpointError
 from stenvan.checkpoint_writer import CheckpointWriter
-from stenvan.config import ConfigError, TrainConfig, config_from_dict
+from stenvan.config import ConfigError, TrainConfig
+from stenvan.failures import Failures
 from stenvan.losses import ReIDLoss
 from stenvan.optim import build_optimizer, step_unless
 from stenvan.resume import agree_on_checkpoint
+from stenvan.resume_checks import check_resumable, restore_training_state
 from stenvan.rng import rng_state, seed_everything, set_rng_state
+from stenvan.run_folder import claim_run_folder
 from stenvan.runlog import RunLog
 from stenvan.schedule import lr_factor
-from stenvan.shards import atomic_write
+from stenvan.shards import ShardFormatError, atomic_write, dataset_fingerprint, load_manifest
 from stenvan.step_meter import StepMeter
 
 
@@ -73,6 +79,15 @@ class Trainer:
         self.world = distributed.describe(cfg.device)  # no CUDA yet: DALI's workers must fork first
         self.is_main = self.world.is_main
         self.run_dir = Path(cfg.out)
+        self.lock = None  # rank 0: the run folder's lock, held until close()
+        self.loader = self.writer = self.log = None
+        try:
+            self._build(cfg, resume)
+        except BaseException:
+            self.close()  # the lock, the loader's workers: nothing of a run that never started stays behind
+            raise
+
+    def _build(self, cfg: TrainConfig, resume: str | None) -> None:
         self.precision = resolve_precision(cfg.precision, self.world.device)
         self.sync_bn = distributed.use_sync_bn(cfg.sync_bn, self.world)
         seed_everything(cfg.seed)
@@ -85,18 +100,23 @@ class Trainer:
             pad=cfg.pad, erase_p=cfg.erase_p, batches_per_epoch=cfg.batches_per_epoch or None)
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.num_classes = self.loader.num_classes
+        self.dataset = dataset_fingerprint(load_manifest(cfg.data))  # stored in checkpoints, checked on resume
         bn_warning = check_batchnorm_share(self.loader.plan.sampler.ids_per_rank, self.loader.batch_size,
                                            self.world.size > 1 and not self.sync_bn and not cfg.freeze_bn)
-        # Rank 0 picks the checkpoint, every rank loads it; through torchrun's store, because this must happen
-        # before the loader forks and so before CUDA and the process group exist (see stenvan.resume).
-        store = distributed.rendezvous(self.world)
-        checkpoint = agree_on_checkpoint(resume, self.run_dir, store, self.world.rank, self.world.size) \
-            if resume else None
-        if checkpoint:
-            self._check_checkpoint(*checkpoint)
+        # Rank 0 claims the run folder (its lock, for the whole run) and picks the checkpoint, every rank loads
+        # it; through torchrun's store, because this must happen before the loader forks and so before CUDA and
+        # the process group exist (see stenvan.resume).
+        self.store = distributed.rendezvous(self.world)
+        checkpoint = agree_on_checkpoint(resume, self.run_dir, self.store, self.world.rank, self.world.size,
+                                         claim=lambda: self._claim(fresh=resume is None), dataset=self.dataset,
+                                         data=cfg.data)
+        changes = check_resumable(*checkpoint, cfg, self.num_classes, self.steps_per_epoch, self.dataset) \
+            if checkpoint else {}
         self.progress = Progress(**checkpoint[1]["progress"]) if checkpoint else Progress()
         self.loader.prepare(self.progress.epoch, self.progress.step_in_epoch)  # DALI workers fork here
-        distributed.join(self.world, store)  # now CUDA and the process group
+        distributed.join(self.world, self.store)  # now CUDA and the process group
+        # Every rank stops together when one fails: they agree on it at every step boundary (stenvan.failures).
+        self.failures = Failures(self.world, self.store, distributed.host_group(self.world))
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once (the original too)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and for `eval.py --untrained`
         # A resumed run takes every weight from the checkpoint: no ImageNet download (offline resume works).
@@ -121,7 +141,7 @@ class Trainer:
                                   cfg.label_smoothing)
         self.meter = StepMeter(self.world.device)
         if checkpoint:
-            self._restore(*checkpoint)
+            self._restore(*checkpoint, changes)
         forward = model
         if self.world.size > 1:
             forward = torch.nn.parallel.DistributedDataParallel(
@@ -132,7 +152,6 @@ class Trainer:
         self._saved_step = self.progress.global_step if checkpoint else -1
         self.stop_signal = 0
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
             self.log.info("config:\n" + "\n".join(f"  {k}: {v}" for k, v in cfg.to_dict().items()))
             self.log.info(f"world: {self.world.size} process(es) on {self.world.device}, precision {self.precision}, "
@@ -152,18 +171,30 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "progress": vars(p).copy(), "meter": self.meter.values, "rng": rng_state(),
-                "world_size": self.world.size}
+                "world_size": self.world.size, "dataset": self.dataset, "precision": self.precision}
+
+    def _claim(self, fresh: bool) -> None:
+        """Rank 0, before the resume choice: lock the run folder for the whole run, clean what killed checkpoint
+        writes left there, refuse a fresh start over an earlier run's checkpoints (stenvan.run_folder)."""
+        self.lock = claim_run_folder(self.run_dir, fresh, log=lambda line: print(line, flush=True))
 
     def save(self, reason: str, wait: bool = False) -> None:
-        """Checkpoint this step in the background (main rank); wait=True: until it is on disk, on every rank."""
-        if self.is_main and self.progress.global_step != self._saved_step:
-            self.writer.save(self.state(), step=self.progress.global_step, reason=reason)
-            self._saved_step = self.progress.global_step
-            self._last_save = time.monotonic()
-        if wait:
-            if self.is_main:
+        """Checkpoint this step in the background (main rank); wait=True: until it is on disk, on every rank (a
+        write that failed then stops every rank, not rank 0 alone)."""
+        error = None
+        try:
+            if self.is_main and self.progress.global_step != self._saved_step:
+                self.writer.save(self.state(), step=self.progress.global_step, reason=reason)
+                self._saved_step = self.progress.global_step
+                self._last_save = time.monotonic()
+            if wait and self.is_main:
                 self.writer.wait()
-            distributed.barrier()  # nobody exits before the checkpoint is on disk
+        except CheckpointError as e:
+            if not wait:
+                raise
+            error = e
+        if wait:
+            self._stop_if_any_rank_failed(error)  # also the barrier: nobody exits before the checkpoint is on disk
 
     def _checkpoint_due(self) -> bool:
         cfg, p = self.cfg, self.progress
@@ -175,28 +206,17 @@ class Trainer:
         if hasattr(self, "_window"):
             self._window["start"] += seconds
 
-    def _check_checkpoint(self, path: Path, state: dict) -> None:
-        saved = config_from_dict(state["config"])
-        if saved.arch != self.cfg.arch or state["num_classes"] != self.num_classes:
-            raise CheckpointError(f"{path}: holds a {saved.arch} model with {state['num_classes']} classes, this run "
-                                  f"builds {self.cfg.arch} with {self.num_classes}; use another --out")
-        if state["progress"]["step_in_epoch"] >= self.steps_per_epoch:
-            raise CheckpointError(f"{path}: saved at step {state['progress']['step_in_epoch']} of an epoch, but "
-                                  f"this run has {self.steps_per_epoch} steps per epoch; resume with the run's "
-                                  "batches_per_epoch")
-
-    def _restore(self, path: Path, state: dict) -> None:
-        """Optimizer, scheduler, scaler, meter and RNG states (the model was loaded before it moved)."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+    def _restore(self, path: Path, state: dict, changes: dict) -> None:
+        """Optimizer, scheduler, scaler, meter and RNG states (the model was loaded before it moved); the allowed
+        config changes take effect and are printed (stenvan.resume_checks)."""
+        notes = restore_training_state(state, changes, self.optimizer, self.scheduler, self.scaler, self.cfg,
+                                       self.precision)
         if "meter" in state:  # the loss sums of the log window the checkpoint was taken in
             self.meter.values.copy_(state["meter"])
         set_rng_state(state["rng"])
         if self.is_main:
-            changed = {k: v for k, v in self.cfg.to_dict().items() if state["config"].get(k) != v}
             print(f"resume: {path} at epoch {self.progress.epoch}, step {self.progress.global_step}"
-                  + (f"; config changes: {changed}" if changed else ""), flush=True)
+                  + (f"; config changes: {', '.join(notes)}" if notes else ""), flush=True)
 
     # ------------------------------------------------------------------------------------------------------
     # The loop
@@ -224,8 +244,9 @@ class Trainer:
                 if cfg.freeze_bn:
                     set_bn_eval(self.model)
                 # Iterating the epoch to its end lets the DALI pipeline run on into the next epoch.
+                batches = iter(self.loader.epoch(p.epoch, start_step=p.step_in_epoch))
                 t0 = time.perf_counter()
-                for batch in self.loader.epoch(p.epoch, start_step=p.step_in_epoch):
+                while (batch := self._next_batch(batches)) is not None:
                     self._window["wait_s"] += time.perf_counter() - t0
                     self._step(batch, autocast)
                     bar.update(1)
@@ -240,7 +261,7 @@ class Trainer:
                     if cfg.max_steps and p.global_step >= cfg.max_steps:
                         break
                     if self._checkpoint_due():
-                        self.save("periodic")
+                        self.failures.keep(self.save, "periodic")
                     t0 = time.perf_counter()
                 if cfg.eval_every and p.step_in_epoch == 0 and p.epoch % cfg.eval_every == 0:
                     self.evaluate_during_training()
@@ -255,6 +276,35 @@ class Trainer:
                               f"{self.writer.wait_s:.2f} s for them, {100 * self.writer.wait_s / elapsed:.2f}% "
                               f"of {elapsed:.1f} s")
         return p
+
+    def _next_batch(self, batches) -> dict | None:
+        """The epoch's next batch (None at its end, on every rank at once), once every rank knows that no rank
+        failed: a rank whose loader found a shard changed under the job stops them all here, before this step's
+        collectives, at the boundary of the last completed step."""
+        error = None
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return None
+        except ShardFormatError as e:
+            batch, error = None, e
+        self._stop_if_any_rank_failed(error)
+        return batch
+
+    def _stop_if_any_rank_failed(self, error: BaseException | None = None) -> None:
+        """At a point every rank reaches together: if any rank failed (`error`, or one kept since), every rank stops
+        with its line (stenvan.failures). A data error first saves the checkpoint of this step boundary (not at
+        step 0: nothing to keep), so that the run continues here once the data is restored."""
+        failed = self.failures.agree(error)
+        if failed is None:
+            return
+        error, data_error = failed
+        if data_error and self.progress.global_step > 0:
+            self.save("data error", wait=True)
+            step = f"step-{self.progress.global_step:09d}.pt"
+            error = type(error)(f"{error}; stopped at step {self.progress.global_step}, saved as {self.run_dir / step}"
+                                ": continue with --resume auto once the data is restored")
+        raise error
 
     def _step(self, batch: dict, autocast) -> None:
         """One optimizer step, or a skipped one if some rank's loss is not finite; nothing here waits for the GPU."""
@@ -288,7 +338,7 @@ class Trainer:
         self.meter.next_window()
         p.nonfinite_total += stats["skipped"]
         p.nonfinite_in_a_row = stats["run"]
-        self._log_interval(stats)
+        self.failures.keep(self._log_interval, stats)  # a full disk under metrics.jsonl stops every rank
         if stats["longest"] >= cfg.max_nonfinite:
             if self.is_main:
                 self.writer.wait()  # so that last.pt below is the newest checkpoint
@@ -331,31 +381,40 @@ class Trainer:
         """Evaluate on the test splits (main rank); saves best.pt only when select_on_test is asked for."""
         start = time.perf_counter()
         if self.is_main:
-            from stenvan.evaluate import evaluate_model
-
-            results = evaluate_model(self.model, self.cfg.data, mode=self.cfg.eval_mode, clip_len=self.cfg.clip_len,
-                                     height=self.cfg.height, width=self.cfg.width, device=self.world.device,
-                                     precision=self.precision, loader=self.cfg.loader, workers=self.cfg.workers)
-            scalars = {f"{proto}_{k}": v for proto, r in results.items() for k, v in r.items()
-                       if isinstance(v, float)}
-            self.log.record("eval", self.progress.global_step, scalars,
-                            f"eval epoch {self.progress.epoch}: standard rank-1 {results['standard']['rank1']:.3f} "
-                            f"mAP {results['standard']['mAP']:.3f}")
-            if self.cfg.select_on_test and results["standard"]["mAP"] > self.progress.best_map:
-                self.progress.best_map = results["standard"]["mAP"]
-                self.writer.save(self.state(), path=self.run_dir / "best.pt", reason="best standard mAP")
-                self.log.info(f"best.pt: standard mAP {self.progress.best_map:.4f} (selected on the test set)")
+            self.failures.keep(self._evaluate)  # a shard changed under it stops every rank at the next step
         distributed.barrier()
         self.model.train()
         if self.cfg.freeze_bn:
             set_bn_eval(self.model)
         self._exclude_from_window(time.perf_counter() - start)
 
+    def _evaluate(self) -> None:
+        from stenvan.evaluate import evaluate_model
+
+        results = evaluate_model(self.model, self.cfg.data, mode=self.cfg.eval_mode, clip_len=self.cfg.clip_len,
+                                 height=self.cfg.height, width=self.cfg.width, device=self.world.device,
+                                 precision=self.precision, loader=self.cfg.loader, workers=self.cfg.workers)
+        scalars = {f"{proto}_{k}": v for proto, r in results.items() for k, v in r.items() if isinstance(v, float)}
+        self.log.record("eval", self.progress.global_step, scalars,
+                        f"eval epoch {self.progress.epoch}: standard rank-1 {results['standard']['rank1']:.3f} "
+                        f"mAP {results['standard']['mAP']:.3f}")
+        if self.cfg.select_on_test and results["standard"]["mAP"] > self.progress.best_map:
+            self.progress.best_map = results["standard"]["mAP"]
+            self.writer.save(self.state(), path=self.run_dir / "best.pt", reason="best standard mAP")
+            self.log.info(f"best.pt: standard mAP {self.progress.best_map:.4f} (selected on the test set)")
+
     def close(self) -> None:
+        """Finish the in-flight checkpoint, stop the loader's workers, release the run folder (safe to call on a
+        partly built Trainer)."""
         try:
             if self.writer is not None:
                 self.writer.close()  # an in-flight checkpoint finishes before the process ends
         finally:
-            self.loader.close()
-            self.log.close()
+            if self.loader is not None:
+                self.loader.close()
+            if self.log is not None:
+                self.log.close()
             distributed.cleanup()
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None

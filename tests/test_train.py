@@ -107,6 +107,8 @@ def test_torchrun_max_restarts_resumes_a_killed_worker(shards, reference, tmp_pa
     stdout, stderr = agent.communicate(timeout=300)
     assert agent.returncode == 0, stderr[-2000:]
     assert "resume:" in stdout + stderr
+    # The restarted rank 0 takes the run folder's lock over from its killed predecessor (the same host).
+    assert f"took over the stale lock of train.py (pid {workers[0]} on" in stdout + stderr
     assert read_checkpoint(out / "last.pt")["progress"]["global_step"] == 7
     assert_same(model_of(out / "last.pt"), model_of(reference / "last.pt"))
 
@@ -221,7 +223,7 @@ def test_bad_configs_and_checkpoints_are_clear_errors(shards, tmp_path):
     ok = run(train_cmd(shards, tmp_path / "run", "--max_steps", "1"))
     assert ok.returncode == 0, ok.stderr
     bad = run(train_cmd(shards, tmp_path / "run", "--arch", "nvan", "--resume", "auto"))
-    assert bad.returncode == 2 and "holds a ste_nvan model" in bad.stderr
+    assert bad.returncode == 2 and "changes arch ste_nvan → nvan (the model)" in bad.stderr
 
 
 def test_dali_pipeline_runs_across_epochs_without_rebuilds(shards, tmp_path, monkeypatch):

@@ -1,0 +1,28 @@
+"""One line for an OSError of train.py or eval.py: the path, what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+import errno
+
+
+def describe_os_error(e: OSError, retry: str, what: str = "") -> str:
+    """'<path>: <what went wrong>; <what to do>', where `retry` says how to carry on once the cause is fixed
+    (e.g. 'continue with --resume auto'). The path is the error's own (our writers set it on failed writes);
+    `what` replaces '<path>: <what went wrong>' with '<what> (<what went wrong>)'."""
+    if what:
+        return f"{what} ({e.strerror or e}); {_advice(e, retry)}"
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}; {_advice(e, retry)}"
+
+
+def _advice(e: OSError, retry: str) -> str:
+    advice = {errno.ENOSPC: f"the disk is full: free some space, then {retry}",
+              errno.EDQUOT: f"the disk quota is exhausted: free some space, then {retry}",
+              errno.EROFS: "the filesystem is read-only: choose a folder on a writable one",
+              errno.EACCES: "permission denied: choose another folder, or fix its permissions",
+              errno.EPERM: "operation not permitted: choose another folder, or fix its permissions",
+              errno.ENOTDIR: "a part of this path is a file, not a folder: check the path",
+              errno.EISDIR: "this is a folder, not a file: check the path",
+              errno.EEXIST: "something else already has this name: check the path",
+              errno.EIO: f"an I/O error: check the disk, then {retry}"}
+    return advice.get(e.errno, f"check the path, then {retry}")
