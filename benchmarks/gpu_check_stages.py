@@ -168,6 +168,11 @@ def describe_train_step(arch: str, compiled: bool) -> Callable[[Context], str]:
                 mem = "n/a" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 1e9:.1f} GB"
                 parts.append(f"{variant} {r['clips_per_s']:.1f} clips/s ({r['ratio_to_original'] or 0:.2f}x), peak {mem}, "
                              f"{r['achieved_tflops']:.1f} TFLOP/s")
+        for variant in () if compiled else ("ours+sync_bn", "ours+sync_bn_plain"):  # the cost of synchronised BN
+            r = _last(ctx.rows("train_step"), arch=arch, variant=variant)
+            if r and r.get("ratio_to_ours"):
+                parts.append(f"{variant} {r['clips_per_s']:.1f} clips/s ({100 * (1 / r['ratio_to_ours'] - 1):+.1f}% "
+                             "step time vs ours, one rank)")
         ckpt = _last(ctx.rows("train_step"), variant="checkpoints in the background")
         if ckpt and arch == "ste_nvan" and not compiled:
             parts.append(f"ckpt wait {100 * ckpt['ckpt_wait_share']:.2f}% in the background")
@@ -200,6 +205,8 @@ def train_step_args(arch: str, compiled: bool, gpu: bool, ctx: Context) -> list:
             args += ["--stripes", "2"]
     if compiled:  # `ours` was measured by the plain stage; the original again, for the ratio of the same run
         args += ["--variants", "original", "ours+compile"]
+    elif arch == "nvan":  # synchronised BatchNorm's cost is measured on STE-NVAN (the same backbone, cheaper)
+        args += ["--variants", "original", "ours"]
     if compiled or arch == "nvan":
         args += ["--no-checkpoint"]
     else:  # STE-NVAN also measures how long training waits for checkpoints
@@ -249,7 +256,8 @@ BACKGROUND = [  # started at once, beside the stages below
 ]
 STAGES = [
     Stage("tests", "pytest -m gpu: mixed decode = CPU decode, GPU loader = CPU loader, fused vs reference NL in "
-          "bf16, steps under sync debug mode, DDP/NCCL + SyncBatchNorm, fp16 GradScaler, compile, eval after train",
+          "bf16, steps under sync debug mode (also with synchronised BatchNorm), our SyncBatchNorm over NCCL = "
+          "torch's = BatchNorm, DDP + SyncBatchNorm = the plain model, fp16 GradScaler, compile, eval after train",
           0.35, 30, run_tests),
     Stage("non_local", "one NL block fwd+bwd at batch 32, bf16: fused vs reference time, memory, SDPA kernel", 0.08, 10,
           benchmark("non_local", "non_local", lambda ctx: ["--device", "cuda"],
@@ -257,7 +265,8 @@ STAGES = [
                     describe_non_local)),
     Stage("train_step_nvan", "NVAN train step at 32x8x256x128: ours vs the original configuration, peak memory, "
           "TFLOP/s", 0.1, 15, train_step_stage("nvan", False)),
-    Stage("train_step_ste_nvan", "STE-NVAN train step at 32x8x256x128 (same), checkpoint wait share", 0.12, 20,
+    Stage("train_step_ste_nvan", "STE-NVAN train step at 32x8x256x128 (same), the cost of synchronised BatchNorm "
+          "(one rank: fused kernels and plain ops vs ours), checkpoint wait share", 0.12, 20,
           train_step_stage("ste_nvan", False)),
     Stage("loader", "training loader at the paper batch on the MARS-scale shards: DALI mixed vs torch vs original",
           0.1, 10, with_dataset(benchmark("loader", "loader", lambda ctx: loader_args(ctx, True),

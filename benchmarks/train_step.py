@@ -1,16 +1,22 @@
-"""One training step (forward + loss + backward + Adam), our configuration against the original's; and the
-share of wall time training waits for checkpoints.
+"""One training step (forward + loss + backward + Adam), our configuration against the original's; the cost of
+synchronised BatchNorm; and the share of wall time training waits for checkpoints.
 
     python -m benchmarks.train_step --arch nvan [--device cuda] [--batch 32] [--compile] [--no-checkpoint]
-        [--variants original ours ours+compile] [--no-save]
+        [--variants original ours ours+sync_bn ours+sync_bn_plain ours+compile] [--no-save]
 
 Model only: clips are random tensors already on the device (the loader is measured by benchmarks.loader).
 Variants, measured in the same run after a warm-up:
 - original: fp32, reference attention (explicit matmul-softmax-matmul), NCHW, plain Adam (no foreach/fused)
 - ours: bf16 autocast, channels_last, fused SDPA attention, fused Adam (as the trainer)
 - ours+compile (with --compile): the same under torch.compile
-Reports clips/s, frames/s, peak memory, achieved TFLOP/s (FLOPs of one step counted by FlopCounterMode) and
-the ratio to the original. The paper's batch is 32 clips x 8 frames of 256x128; the CPU default is smaller.
+- ours+sync_bn: ours with every BatchNorm synchronised (stenvan.models.sync_batchnorm, what `sync_bn` does with
+  several processes) in a one-process group (gloo on the CPU, NCCL on a GPU): the per-layer statistics exchange,
+  combination and backward all-reduce, without the other ranks (their communication is not measured here)
+- ours+sync_bn_plain (GPU only, by default): the same with plain torch ops instead of the fused CUDA kernels (the
+  CPU's path), to show what the kernels buy
+Reports clips/s, frames/s, peak memory, achieved TFLOP/s (FLOPs of one step counted by FlopCounterMode), the
+ratio to the original and to ours (the cost of synchronised BatchNorm). The paper's batch is 32 clips x 8 frames
+of 256x128; the CPU default is smaller.
 
 Checkpoints (unless --no-checkpoint): the STE-NVAN preset's model (ours) trains `--ckpt-steps` steps with a full
 checkpoint (model + Adam state + RNG, as the trainer writes) every `--ckpt-every` steps, once through the
@@ -22,8 +28,10 @@ before). Reported: the seconds the training thread waited for checkpoints, as a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
+import socket
 import tempfile
 import time
 
@@ -34,12 +42,17 @@ from stenvan.checkpoint import save_checkpoint
 from stenvan.checkpoint_writer import CheckpointWriter
 from stenvan.losses import ReIDLoss
 from stenvan.models import build_model, flop_counter
+from stenvan.models.sync_batchnorm import convert_sync_batchnorm
 from stenvan.optim import build_optimizer
 from stenvan.rng import rng_state
 
 VARIANTS = {
     "original": {"precision": "fp32", "attention": "reference", "channels_last": False, "fused_adam": False},
     "ours": {"precision": "bf16", "attention": "fused", "channels_last": True, "fused_adam": True},
+    "ours+sync_bn": {"precision": "bf16", "attention": "fused", "channels_last": True, "fused_adam": True,
+                     "sync_bn": "fused on GPUs"},
+    "ours+sync_bn_plain": {"precision": "bf16", "attention": "fused", "channels_last": True, "fused_adam": True,
+                           "sync_bn": "plain ops"},
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -47,7 +60,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def make_step(arch, variant, batch, clip_len, height, width, num_classes, device, compile_model, stripes=None):
     torch.manual_seed(0)
     model = build_model(arch, num_classes, attention=variant["attention"],
-                        stripes=stripes if arch == "ste_nvan" else None).to(device)
+                        stripes=stripes if arch == "ste_nvan" else None)
+    if variant.get("sync_bn"):  # needs a process group: see one_process_group
+        model = convert_sync_batchnorm(model, fused=False if variant["sync_bn"] == "plain ops" else None)
+    model = model.to(device)
     if variant["channels_last"]:
         model.to(memory_format=torch.channels_last)
     if variant["fused_adam"]:
@@ -70,6 +86,29 @@ def make_step(arch, variant, batch, clip_len, height, width, num_classes, device
         optimizer.zero_grad(set_to_none=True)
 
     return step, model, optimizer
+
+
+@contextlib.contextmanager
+def one_process_group(device: torch.device, needed: bool):
+    """A process group of one (gloo on the CPU, NCCL on a GPU) for the sync_bn variants: with it, synchronised
+    BatchNorm runs its whole path (all-gather, combination, backward all-reduce) as it does with several ranks."""
+    import torch.distributed as dist
+
+    if not needed or dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            device_id=device if cuda else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def step_flops(args, variant, device) -> float:
@@ -161,9 +200,11 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also measure ours under torch.compile")
-    parser.add_argument("--variants", nargs="+", choices=("original", "ours", "ours+compile"),
-                        help="measure only these (default: original and ours, plus ours+compile with --compile); "
-                             "ratios to the original need `original` among them")
+    parser.add_argument("--variants", nargs="+", choices=("original", "ours", "ours+sync_bn", "ours+sync_bn_plain",
+                                                          "ours+compile"),
+                        help="measure only these (default: original, ours, ours+sync_bn, on a GPU also "
+                             "ours+sync_bn_plain, plus ours+compile with --compile); ratios need `original` and "
+                             "`ours` among them")
     parser.add_argument("--no-save", action="store_true", help="do not append to the results (e.g. a warm-up run)")
     parser.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint-wait measurement")
     parser.add_argument("--ckpt-steps", type=int, help="steps of the checkpoint run (default: 12 GPU, 6 CPU)")
@@ -177,22 +218,26 @@ def main(argv=None) -> None:
         args.repeats = min(args.repeats, 3)
         args.warmup = min(args.warmup, 1)
     variants = dict(VARIANTS)
+    if device.type != "cuda":  # the same path as ours+sync_bn on the CPU
+        del variants["ours+sync_bn_plain"]
     if args.compile or (args.variants and "ours+compile" in args.variants):
         variants["ours+compile"] = VARIANTS["ours"]
     if args.variants:
-        variants = {name: v for name, v in variants.items() if name in args.variants}
-    rows = [measure(args, name, v, device) for name, v in variants.items()]
-    base = rows[0]["clips_per_s"] if "original" in variants else None
+        variants = {name: VARIANTS.get(name, VARIANTS["ours"]) for name in args.variants}
+    with one_process_group(device, any(v.get("sync_bn") for v in variants.values())):
+        rows = [measure(args, name, v, device) for name, v in variants.items()]
+    by_name = {r["variant"]: r["clips_per_s"] for r in rows}
     dev = device_name(args.device)
     results = []
     for r in rows:
-        r["ratio_to_original"] = r["clips_per_s"] / base if base else None
+        r["ratio_to_original"] = r["clips_per_s"] / by_name["original"] if "original" in by_name else None
+        r["ratio_to_ours"] = r["clips_per_s"] / by_name["ours"] if "ours" in by_name else None
         results.append({"arch": args.arch, "device": dev, "versions": versions(), "batch": args.batch,
                         "clip_len": args.clip_len, "height": args.height, "width": args.width, **r})
-    print_table(["variant", "clips/s", "frames/s", "peak GiB", "TFLOP/s", "step ms", "vs original"],
+    print_table(["variant", "clips/s", "frames/s", "peak GiB", "TFLOP/s", "step ms", "vs original", "vs ours"],
                 [[r["variant"], r["clips_per_s"], r["frames_per_s"],
                   "n/a" if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30, r["achieved_tflops"],
-                  1000 * r["median_s"], r["ratio_to_original"] or "-"] for r in rows],
+                  1000 * r["median_s"], r["ratio_to_original"] or "-", r["ratio_to_ours"] or "-"] for r in rows],
                 title=f"train step, {args.arch}, {args.batch} clips x {args.clip_len} x {args.height}x{args.width}, "
                       f"{dev}")
     if not args.no_checkpoint:

@@ -68,7 +68,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
-    # SyncBatchNorm: BatchNorm statistics of the global batch, as one GPU computes them (auto: on with > 1 GPU)
+    # BatchNorm statistics of the global batch, as one process computes them (auto: on with > 1 GPU; true: also gloo)
     sync_bn: Literal["auto", "true", "false"] = "auto"
     freeze_bn: bool = False  # BatchNorm uses its running statistics while training (no batch statistics)
     # --- bookkeeping ---

@@ -53,15 +53,14 @@ def describe(device: str = "auto") -> World:
 
 
 def use_sync_bn(setting: str, world: World) -> bool:
-    """Whether to convert BatchNorm to SyncBatchNorm (statistics over the global batch, as one GPU would compute
-    them): 'auto' = with more than one GPU process; never for one process (nothing to synchronise)."""
+    """Whether to convert BatchNorm to our SyncBatchNorm (stenvan.models.sync_batchnorm: statistics of the global
+    batch, as one process holding it would compute them; no host sync; NCCL or gloo). 'auto' = with more than one
+    GPU process (gloo runs on the CPU keep per-rank statistics unless 'true'); never for one process (nothing to
+    synchronise: its BatchNorm already sees the whole batch)."""
     if world.size == 1:
         return False
     if setting == "auto":
         return world.device.type == "cuda"
-    if setting == "true" and world.device.type != "cuda":
-        raise DeviceError("sync_bn=true: torch's SyncBatchNorm runs on GPUs only; on the CPU use sync_bn false "
-                          "(per-rank statistics) or freeze_bn true")
     return setting == "true"
 
 

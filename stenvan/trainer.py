@@ -29,6 +29,7 @@ from stenvan.checkpoint_writer import CheckpointWriter
 from stenvan.config import ConfigError, TrainConfig
 from stenvan.failures import Failures
 from stenvan.losses import ReIDLoss
+from stenvan.models.sync_batchnorm import convert_sync_batchnorm
 from stenvan.optim import build_optimizer, step_unless
 from stenvan.resume import agree_on_checkpoint
 from stenvan.resume_checks import check_resumable, restore_training_state
@@ -68,9 +69,9 @@ def check_batchnorm_share(ids_per_rank: int, clips_per_rank: int, per_rank_bn: b
         return None
     if clips_per_rank < 2:
         raise ConfigError(f"each rank's share of the batch is {clips_per_rank} clip: per-rank BatchNorm cannot "
-                          "normalise it; use --sync_bn true (GPUs), --freeze_bn true, fewer ranks or a larger P·K")
+                          "normalise it; use --sync_bn true, --freeze_bn true, fewer ranks or a larger P·K")
     return (f"warning: each rank's share of the batch holds {ids_per_rank} identity and BatchNorm is per rank: "
-            "its statistics are that identity's own; use --sync_bn true (GPUs) or a larger P·K")
+            "its statistics are that identity's own; use --sync_bn true or a larger P·K")
 
 
 class Trainer:
@@ -124,8 +125,8 @@ class Trainer:
         model.check_clip_length(cfg.clip_len)
         if checkpoint:
             model.load_state_dict(checkpoint[1]["model"], strict=True)
-        if self.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.sync_bn:  # BatchNorm over the global batch, with no host-device sync (works on gloo too)
+            model = convert_sync_batchnorm(model)
         model.to(self.world.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -157,7 +158,8 @@ class Trainer:
             self.log.info(f"world: {self.world.size} process(es) on {self.world.device}, precision {self.precision}, "
                           f"{self.num_classes} classes, {self.steps_per_epoch} steps/epoch, "
                           f"{self.loader.batch_size} clips per rank, BatchNorm "
-                          + ("frozen" if cfg.freeze_bn else "synchronised" if self.sync_bn else "per rank"))
+                          + ("frozen" if cfg.freeze_bn else "per rank" if not self.sync_bn
+                             else "synchronised over the global batch (no host sync)"))
             if bn_warning:
                 self.log.info(bn_warning)
 

@@ -1,10 +1,6 @@
-"""The GPU training path (skipped without CUDA): fused non-local attention in bf16 at NVAN's shapes, DDP over NCCL
-with SyncBatchNorm in one process, fp16 with a GradScaler, and evaluation on the GPU right after training.
-
-One process can only form a world of one on one GPU (NCCL refuses two ranks on the same device), where torch's
-SyncBatchNorm module falls back to plain BatchNorm; so its synchronised kernels (statistics all-gathered over
-NCCL, gathered back, the fused backward) are called directly and compared with BatchNorm, and a DDP-wrapped
-SyncBatchNorm model is checked to train exactly like the plain model. `compile: true` is in test_gpu_compile.py.
+"""The GPU training path (skipped without CUDA): fused non-local attention in bf16 at NVAN's shapes, our all-gather
+over NCCL, fp16 with a GradScaler, and evaluation on the GPU right after training. Synchronised BatchNorm over
+NCCL is in test_gpu_sync_batchnorm.py; `compile: true` in test_gpu_compile.py.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ import socket
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stenvan.config import load_config
@@ -87,7 +82,7 @@ def test_fused_non_local_matches_reference_in_bf16(shape):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# DDP over NCCL, SyncBatchNorm
+# NCCL
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -108,80 +103,15 @@ def nccl_world(monkeypatch):
         dist.destroy_process_group()
 
 
-def test_sync_batchnorm_over_nccl_equals_batchnorm(nccl_world):
-    """SyncBatchNorm's synchronised path (stats all-gathered over NCCL, combined, fused backward) = BatchNorm over
-    the same batch, channels_last as in the model; and our gradient-carrying all-gather runs over NCCL."""
-    from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFunction
-
+def test_gather_with_grad_over_nccl(nccl_world):
+    """Our gradient-carrying all-gather (the triplet loss's) runs over NCCL: all_gather forward, all_reduce back.
+    Synchronised BatchNorm over NCCL is tested in test_gpu_sync_batchnorm.py."""
     from stenvan.distributed import _GatherWithGrad
 
-    torch.manual_seed(0)
-    x = (3 * torch.randn(16, 64, 8, 4, device=CUDA) + 1).contiguous(memory_format=torch.channels_last)
-    weight, bias, grad_out = torch.randn(64, device=CUDA), torch.randn(64, device=CUDA), torch.randn_like(x)
-    results = []
-    for synchronised in (True, False):
-        inp, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))
-        mean, var = torch.zeros(64, device=CUDA), torch.ones(64, device=CUDA)
-        if synchronised:
-            y = SyncBatchNormFunction.apply(inp, w, b, mean, var, 1e-5, 0.1, nccl_world.group.WORLD, 1)
-        else:
-            y = F.batch_norm(inp, mean, var, w, b, training=True, momentum=0.1, eps=1e-5)
-        y.backward(grad_out)
-        results.append((y, mean, var, inp.grad, w.grad, b.grad))
-    for name, got, want in zip(("output", "running mean", "running var", "input grad", "weight grad", "bias grad"),
-                               *results):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
-    assert results[0][1].abs().max() > 0.05  # the running mean moved: the statistics were really taken
-
     feats = torch.randn(8, 32, device=CUDA, requires_grad=True)
-    gathered = _GatherWithGrad.apply(feats)  # all_gather forward, all_reduce backward, over NCCL
+    gathered = _GatherWithGrad.apply(feats)
     (2 * gathered).sum().backward()
     assert torch.equal(gathered, feats) and torch.equal(feats.grad, torch.full_like(feats, 2.0))
-
-
-def test_ddp_with_sync_batchnorm_trains_exactly_like_the_plain_model(nccl_world):
-    """A tiny STE-NVAN as the trainer builds it for several GPUs (SyncBatchNorm, channels_last, DDP over NCCL,
-    fused Adam, the re-id loss) takes the same steps as the plain model: DDP's bucketed all-reduce and SyncBatchNorm
-    change nothing for one rank, so any difference is a bug in how they are wired."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from stenvan.losses import ReIDLoss
-    from stenvan.models import build_model
-    from stenvan.optim import build_optimizer
-
-    old = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # bitwise-repeatable convs
-    try:
-        torch.manual_seed(1)
-        clips = torch.randn(8, 4, 3, 32, 16, device=CUDA)  # (B, T, 3, H, W): 4 ids x 2 clips
-        labels = torch.arange(8, device=CUDA) // 2
-        models = []
-        for distributed in (True, False):
-            torch.manual_seed(0)
-            model = build_model("ste_nvan", 4, stripes=2)
-            if distributed:
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model = model.to(CUDA).to(memory_format=torch.channels_last)
-            models.append(model)
-        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in models[0].modules())
-        initial = {k: v.clone() for k, v in models[1].state_dict().items()}
-        for model, forward in ((models[0], DistributedDataParallel(models[0], device_ids=[CUDA.index])),
-                               (models[1], models[1])):
-            optimizer = build_optimizer(list(model.parameters()), "adam", lr=1e-2, weight_decay=5e-5)
-            criterion = ReIDLoss()
-            for _ in range(3):
-                feats, logits = forward(clips)
-                criterion(feats, logits, labels)["loss"].backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        ddp_state, plain_state = models[0].state_dict(), models[1].state_dict()
-        assert ddp_state.keys() == plain_state.keys()
-        for key, value in plain_state.items():
-            torch.testing.assert_close(ddp_state[key], value, rtol=1e-5, atol=1e-6, msg=key)
-        moved = max((plain_state[k].float() - initial[k].float()).abs().max().item() for k in plain_state)
-        assert moved > 1e-3  # not vacuous: the steps changed the weights
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old
 
 
 # ----------------------------------------------------------------------------------------------------------
