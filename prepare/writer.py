@@ -233,13 +233,17 @@ def run_jobs(jobs: list[ShardJob], out_dir: str, skip_bad: bool, workers: int, t
 
     expect = expect or {}
     counter = mp.get_context("fork").Value("q", 0)
+    # This process reads the count without the counter's lock: Ctrl-C terminates the pool with SIGTERM, and a
+    # worker killed inside `with get_lock()` leaves that lock held forever (the progress thread, then the
+    # interrupted run, would hang on it). An aligned 64-bit read is whole; a count one update behind is harmless.
+    frames_done = counter.get_obj()
     bar = tqdm(total=total_frames, initial=done_frames, unit="frame", unit_scale=True, desc="prepare",
                disable=None, file=sys.stderr, smoothing=0.1)
     stop = threading.Event()
 
     def refresh():  # the workers count frames in shared memory; the bar follows from this thread
         while not stop.wait(0.25):
-            bar.n = done_frames + counter.value
+            bar.n = done_frames + frames_done.value
             bar.refresh()
 
     thread = threading.Thread(target=refresh, daemon=True)
@@ -257,7 +261,7 @@ def run_jobs(jobs: list[ShardJob], out_dir: str, skip_bad: bool, workers: int, t
         _init_worker(None)
         stop.set()
         thread.join()
-        bar.n = done_frames + counter.value
+        bar.n = done_frames + frames_done.value
         bar.close()
 
 

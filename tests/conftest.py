@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 
 import pytest
 import torch
+
+
+def pytest_report_header(config):
+    where = config.option.basetemp or tempfile.gettempdir()
+    free = shutil.disk_usage(where if os.path.isdir(where) else tempfile.gettempdir()).free
+    return (f"temporary files: {where}, {free / 2**30:.1f} GiB free (the suite needs about 6 GiB at its peak: "
+            "training runs with 370 MB checkpoints)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -15,6 +24,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """`module_tmp(name)`: a new folder for a module's shared fixtures, removed when that module's tests are done.
+
+    A test's own `tmp_path` goes when it passes (`tmp_path_retention_policy = failed` in pytest.ini), so the suite
+    holds at most one module's runs and checkpoints (STE-NVAN's are 370 MB each) on disk at a time."""
+    made = []
+
+    def make(name: str):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

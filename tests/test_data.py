@@ -184,10 +184,10 @@ def test_train_plan_resumes_and_ranks_compose():
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mars_shards(mars_tree, tmp_path_factory):
+def mars_shards(mars_tree, module_tmp):
     from prepare.cli import main
 
-    out = tmp_path_factory.mktemp("data_shards") / "mars"
+    out = module_tmp("data_shards") / "mars"
     assert main(["mars", "--data-dir", str(mars_tree), "--out", str(out), "--workers", "1"]) == 0
     return out
 

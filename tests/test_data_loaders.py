@@ -17,10 +17,10 @@ SMALL = dict(P=4, K=2, clip_len=4, height=64, width=32, workers=1)
 
 
 @pytest.fixture(scope="module")
-def shards(mars_tree, dukev_tree, tmp_path_factory):
+def shards(mars_tree, dukev_tree, module_tmp):
     from prepare.cli import main
 
-    out = tmp_path_factory.mktemp("loader_shards")
+    out = module_tmp("loader_shards")
     assert main(["mars", "--data-dir", str(mars_tree), "--out", str(out / "mars"), "--workers", "1"]) == 0
     assert main(["dukev", "--data-dir", str(dukev_tree), "--out", str(out / "dukev"), "--workers", "1"]) == 0
     return out

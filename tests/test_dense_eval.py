@@ -16,10 +16,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWa
 
 
 @pytest.fixture(scope="module")
-def shards(mars_tree, tmp_path_factory):
+def shards(mars_tree, module_tmp):
     from prepare.cli import main
 
-    out = tmp_path_factory.mktemp("dense_shards") / "mars"
+    out = module_tmp("dense_shards") / "mars"
     assert main(["mars", "--data-dir", str(mars_tree), "--out", str(out), "--workers", "1"]) == 0
     return out
 

@@ -28,8 +28,8 @@ def tracklet_folders(split_dir: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(mars_tree, tmp_path_factory):
-    root = tmp_path_factory.mktemp("embed")
+def data(mars_tree, module_tmp):
+    root = module_tmp("embed")
     assert prepare_main(["mars", "--data-dir", str(mars_tree), "--out", str(root / "shards"), "--workers", "1"]) == 0
     tracklet_folders(mars_tree / "bbox_test", root / "tracklets")
     tiny_checkpoint(root / "model.pt")
@@ -179,13 +179,13 @@ def fine_tune(model, shards: Path, steps: int = 200, clips: int = 32):
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory):
+def searched(module_tmp):
     """Query = the first tracklet of each train identity, gallery = the other train tracklets, as tracklet folders;
     a baseline model fine-tuned on that split, and the same model untrained."""
     from prepare.synthetic import generate
     from tiny_checkpoint import tiny_config, tiny_model, write_checkpoint
 
-    root = tmp_path_factory.mktemp("search")
+    root = module_tmp("search")
     generate("mars", root / "raw", num_ids=16, seed=3, min_len=4, max_len=16)
     assert prepare_main(["mars", "--data-dir", str(root / "raw"), "--out", str(root / "shards"), "--workers", "1"]) == 0
     folders = tracklet_folders(root / "raw" / "bbox_train", root / "all")

@@ -19,8 +19,8 @@ TINY = ["--arch", "baseline", "--clip_len", "2", "--height", "32", "--width", "1
 
 
 @pytest.fixture(scope="module")
-def shards(mars_tree, tmp_path_factory):
-    out = tmp_path_factory.mktemp("entry") / "shards"
+def shards(mars_tree, module_tmp):
+    out = module_tmp("entry") / "shards"
     shard_mars(mars_tree, out)
     return out
 

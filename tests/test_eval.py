@@ -24,8 +24,8 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def trained(mars_tree, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
+def trained(mars_tree, module_tmp):
+    root = module_tmp("eval")
     assert prepare_main(["mars", "--data-dir", str(mars_tree), "--out", str(root / "shards"), "--workers", "1"]) == 0
     result = run("train.py", "--data", root / "shards", "--out", root / "run", *TINY)
     assert result.returncode == 0, result.stderr

@@ -19,8 +19,8 @@ from tiny_checkpoint import SIZE, tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("export") / "model.pt")
+def checkpoint(module_tmp):
+    return tiny_checkpoint(module_tmp("export") / "model.pt")
 
 
 def features(path, clips: torch.Tensor) -> np.ndarray:

@@ -18,10 +18,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @pytest.fixture(scope="module")
-def shards(mars_tree, tmp_path_factory):
+def shards(mars_tree, module_tmp):
     from prepare.cli import main
 
-    out = tmp_path_factory.mktemp("contract_shards") / "mars"
+    out = module_tmp("contract_shards") / "mars"
     assert main(["mars", "--data-dir", str(mars_tree), "--out", str(out), "--workers", "1"]) == 0
     return out
 

@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shards(mars_tree, tmp_path_factory):
-    out = tmp_path_factory.mktemp("failure_shards") / "mars"
+def shards(mars_tree, module_tmp):
+    out = module_tmp("failure_shards") / "mars"
     assert prepare_main(["mars", "--data-dir", str(mars_tree), "--out", str(out), "--workers", "1"]) == 0
     return out
 

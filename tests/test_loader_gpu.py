@@ -18,10 +18,10 @@ CUDA = torch.device("cuda")
 
 
 @pytest.fixture(scope="module")
-def shards(mars_tree, dukev_tree, tmp_path_factory):
+def shards(mars_tree, dukev_tree, module_tmp):
     from prepare.cli import main
 
-    out = tmp_path_factory.mktemp("gpu_shards")
+    out = module_tmp("gpu_shards")
     assert main(["mars", "--data-dir", str(mars_tree), "--out", str(out / "mars"), "--workers", "1"]) == 0
     assert main(["dukev", "--data-dir", str(dukev_tree), "--out", str(out / "dukev"), "--workers", "1"]) == 0
     return out

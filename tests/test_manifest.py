@@ -19,16 +19,16 @@ TINY = ["--arch", "baseline", "--pretrained", "none", "--clip_len", "2", "--heig
 
 
 @pytest.fixture(scope="module")
-def mars_shards(mars_tree, tmp_path_factory):
-    out = tmp_path_factory.mktemp("manifest") / "shards"
+def mars_shards(mars_tree, module_tmp):
+    out = module_tmp("manifest") / "shards"
     shard_mars(mars_tree, out, "--shard-size", "200KB")
     return out
 
 
 @pytest.fixture(scope="module")
-def checkpoint(mars_shards, tmp_path_factory):
+def checkpoint(mars_shards, module_tmp):
     """A real (one-step) training checkpoint, for eval.py."""
-    run = tmp_path_factory.mktemp("manifest-run") / "run"
+    run = module_tmp("manifest-run") / "run"
     assert importlib.import_module("train").main(["--data", str(mars_shards), "--out", str(run), *TINY]) == 0
     return run / "last.pt"
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from prepare.records import load_records
+from prepare.writer import shard_intact
 from prepare_helpers import REPO, block_on_fifo, children, error_lines, run_prepare, shard_mars, wait_for
 
 
@@ -76,7 +78,9 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_continues(mars_tree, copy_tree, 
                      "where it stopped."]
     assert not (out / ".lock").exists() and not (out / "manifest.json").exists()
     assert not list(out.rglob("*.tmp"))
-    kept = len(list(out.rglob("*.tar.json")))
+    # Finished shards: those whose record, tar and index are all in place (the run may stop between a record
+    # and its shard's rename or index, as the record is written first: that shard is redone).
+    kept = sum(shard_intact(record, str(out)) for record in load_records(out).values())
     restore()
     result = subprocess.run(prepare_cmd(tree, out), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -97,3 +101,29 @@ def test_sigterm_stops_like_ctrl_c(mars_tree, copy_tree, tmp_path):
     assert "prepare: interrupted by SIGTERM" in err
     assert not (out / ".lock").exists() and not list(out.rglob("*.tmp"))
     assert json.loads((out / ".prepare" / "run.json").read_text())["dataset"] == "mars"
+
+
+HELD_LOCK_RUN = """
+import os, signal, sys, threading, time, types
+from prepare import writer
+
+def hold_the_progress_lock(job, out_dir, skip_bad, expect):
+    writer._frames_done.get_lock().acquire()  # the pool's SIGTERM will land inside `with get_lock()`
+    time.sleep(3600)
+
+writer.write_shard = hold_the_progress_lock  # the pool forks: its workers run this
+main = threading.main_thread().ident  # Ctrl-C while the run waits for its shards:
+threading.Timer(3, signal.pthread_kill, (main, signal.SIGINT)).start()
+try:
+    writer.run_jobs([types.SimpleNamespace(name=f"s{i}.tar") for i in range(2)], sys.argv[1], False, 2, 10, 0)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_an_interrupted_run_does_not_hang_on_the_lock_of_a_killed_worker(tmp_path):
+    """The pool's workers count frames under a shared lock; SIGTERM (how an interrupted run's pool ends them) can
+    kill one inside it. The run must still stop: it read that count under the lock, and hung forever."""
+    result = subprocess.run([sys.executable, "-c", HELD_LOCK_RUN, str(tmp_path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "interrupted", result.stderr

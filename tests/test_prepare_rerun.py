@@ -14,9 +14,9 @@ from stenvan.shards import read_index
 
 
 @pytest.fixture(scope="module")
-def finished(mars_tree, tmp_path_factory):
+def finished(mars_tree, module_tmp):
     """A finished dataset of the session's MARS tree (copy it before changing it)."""
-    out = tmp_path_factory.mktemp("finished") / "shards"
+    out = module_tmp("finished") / "shards"
     shard_mars(mars_tree, out, "--shard-size", "200KB")
     return out
 

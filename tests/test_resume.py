@@ -24,9 +24,9 @@ def torchrun(*args, nproc=2):
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(shards, tmp_path_factory):  # noqa: F811
+def two_rank_run(shards, module_tmp):  # noqa: F811
     """A 2-process run of 2 steps with a checkpoint after each."""
-    out = tmp_path_factory.mktemp("resume") / "run"
+    out = module_tmp("resume") / "run"
     result = run(torchrun(*train_cmd(shards, out, "--max_steps", "2", "--ckpt_every", "1", "--keep_ckpts", "5")[1:]))
     assert result.returncode == 0, result.stderr
     return out

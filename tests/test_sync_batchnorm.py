@@ -44,8 +44,8 @@ def both(rank: int, world: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return launch(both, 2, tmp_path_factory.mktemp("two_ranks"))
+def two_ranks(module_tmp):
+    return launch(both, 2, module_tmp("two_ranks"))
 
 
 def check_layers(results: list, world: int) -> None:

@@ -26,8 +26,8 @@ TINY = ["--arch", "ste_nvan", "--pretrained", "none", "--clip_len", "4", "--heig
 
 
 @pytest.fixture(scope="module")
-def shards(mars_tree, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "shards"
+def shards(mars_tree, module_tmp):
+    out = module_tmp("train") / "shards"
     assert prepare_main(["mars", "--data-dir", str(mars_tree), "--out", str(out), "--workers", "1"]) == 0
     return out
 
@@ -52,9 +52,9 @@ def assert_same(a, b, atol=0.0):
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
+def reference(shards, module_tmp):
     """An uninterrupted 7-step run, checkpointing every step."""
-    out = tmp_path_factory.mktemp("reference") / "run"
+    out = module_tmp("reference") / "run"
     result = run(train_cmd(shards, out, *SEVEN_STEPS))
     assert result.returncode == 0, result.stderr
     return out

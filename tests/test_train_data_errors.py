@@ -59,9 +59,9 @@ NO_PERIODIC = ["--ckpt_every", "0", "--ckpt_minutes", "0"]  # checkpoints only w
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):  # noqa: F811
+def reference(shards, module_tmp):  # noqa: F811
     """test_train's uninterrupted 7-step run, without its checkpoint after every step."""
-    out = tmp_path_factory.mktemp("reference") / "run"
+    out = module_tmp("reference") / "run"
     result = run(train_cmd(shards, out, *SEVEN_STEPS, *NO_PERIODIC))
     assert result.returncode == 0, result.stderr
     return out

@@ -27,9 +27,9 @@ from tests.tiny_checkpoint import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def base_run(shards, tmp_path_factory):  # noqa: F811
+def base_run(shards, module_tmp):  # noqa: F811
     """A finished 2-step run with a checkpoint after each step (copy it with `linked_copy` before using it)."""
-    out = tmp_path_factory.mktemp("base") / "run"
+    out = module_tmp("base") / "run"
     result = run(train_cmd(shards, out, "--max_steps", "2", "--ckpt_every", "1"))
     assert result.returncode == 0, result.stderr
     return out
@@ -93,11 +93,11 @@ def resume_trainer(shards, out, *extra, data=None):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def other_dataset(tmp_path_factory):
+def other_dataset(module_tmp):
     """Another prepared dataset with as many training identities (4) as the tests' one: other tracklets."""
     from prepare.synthetic import generate
 
-    root = tmp_path_factory.mktemp("other")
+    root = module_tmp("other")
     generate("mars", root / "MARS", num_ids=8, seed=7, min_len=2, max_len=30)
     assert prepare_main(["mars", "--data-dir", str(root / "MARS"), "--out", str(root / "shards"),
                          "--workers", "1"]) == 0
