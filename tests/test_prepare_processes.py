@@ -21,6 +21,12 @@ def prepare_cmd(tree, out, workers=1):
             str(workers), "--shard-size", "200KB"]
 
 
+def sigint_as_in_a_terminal() -> None:
+    """A program started from a terminal gets SIGINT's default action; the tests may not (a background job of a
+    non-interactive shell inherits SIGINT ignored, and ignored stays ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
@@ -67,7 +73,8 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_continues(mars_tree, copy_tree, 
     out = tmp_path / "out"
     # Its own session: Ctrl-C in a terminal signals the whole process group, workers included.
     proc = subprocess.Popen(prepare_cmd(tree, out, workers=2), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_as_in_a_terminal)
     wait_for(lambda: len(children(proc.pid)) >= 2 and list(out.rglob("*.tar.json")), proc)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -106,6 +113,8 @@ def test_sigterm_stops_like_ctrl_c(mars_tree, copy_tree, tmp_path):
 HELD_LOCK_RUN = """
 import os, signal, sys, threading, time, types
 from prepare import writer
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even where the tests ignore SIGINT
 
 def hold_the_progress_lock(job, out_dir, skip_bad, expect):
     writer._frames_done.get_lock().acquire()  # the pool's SIGTERM will land inside `with get_lock()`
