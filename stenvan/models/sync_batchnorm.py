@@ -3,7 +3,7 @@
 With W ranks each holding P·K/W clips, every BatchNorm layer normalises with the mean and variance of the whole
 batch, as one process holding it would, and its running statistics learn those. torch's `nn.SyncBatchNorm`
 computes the same, but drops empty ranks with a boolean mask (`count_all[mask]`, torch/nn/modules/_functions.py),
-so each of ResNet-50 + NL's ~55 BatchNorm layers waits for the GPU once per forward; and its kernels exist only
+so each of STE-NVAN's 59 BatchNorm layers waits for the GPU once per forward; and its kernels exist only
 on GPUs. Here:
 
 - **No rank is ever empty, so nothing is masked.** The sampler gives every rank P·K/W ≥ 1 clips (P·K divisible
