@@ -27,8 +27,11 @@ $(STAMP): setup.py
 	$(PY) -c "import torch, torchvision, nvidia.dali, webdataset; print('installed: torch', torch.__version__, '| DALI', nvidia.dali.__version__)"
 	touch $(STAMP)
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist; each file stays in one process, so a module's
+# shared runs are built once): 7m50s on 2 cores with 2, 10m52s in one process (TEST_WORKERS=0).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	rm -rf $(DEMO_DATA) $(DEMO_SHARDS) $(DEMO_RUN)

@@ -16,7 +16,8 @@ setup(
         # DALI must match the CUDA major version torch was built with (`make install` picks one).
         "cu12": ["nvidia-dali-cuda120"],
         "cu13": ["nvidia-dali-cuda130"],
-        # onnx + onnxscript: torch.onnx's exporter (export.py); onnxruntime: the tests run the exported graphs
-        "test": ["pytest", "onnx", "onnxscript", "onnxruntime"],
+        # onnx + onnxscript: torch.onnx's exporter (export.py); onnxruntime: the tests run the exported graphs;
+        # pytest-xdist: `make test` runs the suite in 2 processes (most tests wait on training subprocesses and disk)
+        "test": ["pytest", "pytest-xdist", "onnx", "onnxscript", "onnxruntime"],
     },
 )
