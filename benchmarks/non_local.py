@@ -41,8 +41,9 @@ KERNELS = {  # aten op -> the SDPA backend it is
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class _RecordKernels(TorchDispatchMode):
-    """Records which SDPA kernel ran (the math fallback decomposes into bmm/softmax and records nothing)."""
+class SdpaKernels(TorchDispatchMode):
+    """Records which SDPA kernel ran (the math fallback decomposes into bmm/softmax and records nothing); the
+    GPU tests use it too (tests/test_gpu_path.py)."""
 
     def __init__(self):
         super().__init__()
@@ -124,7 +125,7 @@ def measure(shape_name, batch, device, dtype, warmup, repeats, clip_len=None) ->
             with Timer(sync) as timer:
                 step()
             times_s.append(timer.elapsed_s)
-        recorder = _RecordKernels()
+        recorder = SdpaKernels()
         with recorder:
             step()
         _free_grads(block, x)  # the previous step's gradients go before the baseline, not inside the step

@@ -11,44 +11,26 @@ import socket
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.non_local import SHAPES, SdpaKernels  # which fused SDPA kernel ran (none: the math fallback)
 from stenvan.config import load_config
 from stenvan.models.non_local import NonLocalBlock
 from tests.test_train import TINY, shards  # noqa: F401 - the module's shard fixture
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda", 0)
-# (C, T, H, W) of NVAN's non-local blocks for 8-frame 256x128 clips: 4,096 tokens of d = 256, 1,024 of d = 512.
-NL_SHAPES = {"layer2": (512, 8, 32, 16), "layer3": (1024, 8, 16, 8)}
-FUSED_KERNELS = {"_scaled_dot_product_flash_attention": "flash",
-                 "_scaled_dot_product_efficient_attention": "memory-efficient",
-                 "_scaled_dot_product_cudnn_attention": "cudnn"}
-
-
-class SdpaKernels(TorchDispatchMode):
-    """Which fused SDPA kernels ran (the math fallback decomposes into matmul/softmax and names none of them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in FUSED_KERNELS:
-            self.seen.add(FUSED_KERNELS[name])
-        return func(*args, **(kwargs or {}))
 
 
 def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref.double()).norm() / ref.double().norm())
 
 
-@pytest.mark.parametrize("shape", list(NL_SHAPES))
+# NVAN's non-local blocks for 8-frame 256x128 clips: 4,096 tokens of d = 256 (layer2), 1,024 of d = 512 (layer3).
+@pytest.mark.parametrize("shape", list(SHAPES))
 def test_fused_non_local_matches_reference_in_bf16(shape):
     """bf16 autocast, as training runs: the fused block (SDPA, scale 1) is as close to a float64 reference as the
     original's explicit matmul-softmax-matmul in bf16, forward and backward, and runs a fused kernel, never math."""
-    channels, frames, height, width = NL_SHAPES[shape]
+    channels, frames, height, width = SHAPES[shape]
     torch.manual_seed(0)
     fused = NonLocalBlock(channels, attention="fused").to(CUDA)
     torch.nn.init.normal_(fused.bn.weight)  # a non-identity block (its BN starts at zero)
@@ -74,8 +56,8 @@ def test_fused_non_local_matches_reference_in_bf16(shape):
     ours, original, truth = got, run(reference, torch.float32), run(exact, torch.float64)
     errors = {name: (relative_error(a, t), relative_error(b, t)) for name, a, b, t in
               zip(("output", "input grad", "theta weight grad"), ours, original, truth)}
-    print(f"{shape}: SDPA kernel {sorted(kernels.seen)}; relative error vs float64 (fused, reference): {errors}")
-    assert kernels.seen, f"{shape}: SDPA fell back to the math path (no fused kernel ran)"
+    print(f"{shape}: SDPA kernel {sorted(kernels.kernels)}; relative error vs float64 (fused, reference): {errors}")
+    assert kernels.kernels, f"{shape}: SDPA fell back to the math path (no fused kernel ran)"
     for name, (fused_error, reference_error) in errors.items():
         assert math.isfinite(fused_error) and fused_error < 5e-2, (shape, name, errors)
         assert fused_error <= 2 * reference_error + 1e-3, (shape, name, errors)
