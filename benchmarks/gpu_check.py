@@ -208,9 +208,8 @@ def main(argv=None) -> int:
         info["load_avg_end"] = os.getloadavg()[0]
         info["wall_s"] = time.monotonic() - ctx.start
         record_stages(ctx, stages, outcomes)
-        write_outputs(ctx, stages, outcomes, info, final=True)
+        text = write_outputs(ctx, stages, outcomes, info, final=True)  # report() files its results.jsonl
         print(report(ctx, repo_results=gpu and not args.no_repo_results), flush=True)
-        text = write_outputs(ctx, stages, outcomes, info, final=True)
         keep = args.keep_work or args.work
         print(f"files in {ctx.out}: {', '.join(sorted(p.name for p in ctx.out.iterdir()))}; scratch {work} "
               + ("kept" if keep else "removed next (a MARS-scale tree takes a while: --keep-work skips that)"))

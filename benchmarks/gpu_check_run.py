@@ -83,8 +83,8 @@ def run_process(ctx: Context, stage: str, argv: list[str], timeout_s: float,
         except subprocess.TimeoutExpired:
             stop_group(proc)
             code = None
-        finally:
-            ctx.procs.discard(proc)
+        # Not in a `finally`: interrupted while waiting, the process stays in ctx.procs for main's cleanup to stop.
+        ctx.procs.discard(proc)
         log.write(f"[exit {code if code is not None else 'timeout'} after {time.monotonic() - start:.1f} s]\n")
     return code, time.monotonic() - start
 

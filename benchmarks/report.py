@@ -66,6 +66,7 @@ def _fmt(value) -> str:
 def add_lines(source: Path, folder: Path) -> int:
     """Append the JSON lines of `source` to folder/<benchmark>.jsonl, skipping lines already there."""
     added = 0
+    known: dict[Path, set[str]] = {}  # each target file's lines (canonical JSON), read once
     for line in source.read_text().splitlines():
         if not line.strip():
             continue
@@ -73,13 +74,16 @@ def add_lines(source: Path, folder: Path) -> int:
         if "benchmark" not in row:
             raise SystemExit(f"report: error: {source}: a line without a 'benchmark' key: {line[:80]}")
         path = folder / f"{row['benchmark']}.jsonl"
-        known = {json.dumps(json.loads(k), sort_keys=True) for k in path.read_text().splitlines() if k.strip()} \
-            if path.exists() else set()
-        if json.dumps(row, sort_keys=True) in known:
+        if path not in known:
+            known[path] = {json.dumps(json.loads(k), sort_keys=True) for k in path.read_text().splitlines()
+                           if k.strip()} if path.exists() else set()
+        canonical = json.dumps(row, sort_keys=True)
+        if canonical in known[path]:
             continue
         folder.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        known[path].add(canonical)
         added += 1
     return added
 

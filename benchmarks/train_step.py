@@ -220,7 +220,7 @@ def main(argv=None) -> None:
     variants = dict(VARIANTS)
     if device.type != "cuda":  # the same path as ours+sync_bn on the CPU
         del variants["ours+sync_bn_plain"]
-    if args.compile or (args.variants and "ours+compile" in args.variants):
+    if args.compile:
         variants["ours+compile"] = VARIANTS["ours"]
     if args.variants:
         variants = {name: VARIANTS.get(name, VARIANTS["ours"]) for name in args.variants}

@@ -155,7 +155,7 @@ def _rerun_finished(dataset: str, jobs: list[ShardJob], skipped: list[dict], out
         if damaged:
             log(f"restored {len(damaged)} damaged shards with their recorded bytes: {', '.join(damaged[:5])}")
     manifest = build_manifest(dataset, jobs, records, skipped)
-    restored = bool(redo) and bool(damaged)
+    restored = bool(damaged)  # every damaged shard was redone
     if current is None or dataset_fingerprint(current) != dataset_fingerprint(manifest):
         # Every shard is as recorded: writing the manifest (one rename) completes the dataset at once.
         atomic_write(out / MANIFEST, dump_json(manifest), tmp_dir=records_dir(out))

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import re
@@ -18,7 +17,10 @@ import signal
 import sys
 
 from prepare.tracklet import PrepareError
+from stenvan.errors import describe_os_error
 from stenvan.shards import ShardFormatError
+
+RETRY = "rerun the same command (finished shards are kept)"  # how to carry on after an OSError's cause is fixed
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -87,22 +89,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What to do about an OSError, by errno (the message names the file from the error itself).
-OS_ADVICE = {errno.ENOSPC: "the disk is full: free some space, then rerun the same command (finished shards are kept)",
-             errno.EDQUOT: "the disk quota is exhausted: free some space, then rerun the same command",
-             errno.EROFS: "the filesystem is read-only: choose another --out",
-             errno.EACCES: "permission denied: choose another --out, or fix the permissions",
-             errno.EPERM: "operation not permitted: choose another --out, or fix the permissions",
-             errno.ENOTDIR: "a part of this path is not a folder: check the path",
-             errno.EISDIR: "this is a folder, not a file: check the path",
-             errno.EIO: "an I/O error: check the disk, then rerun the same command"}
-
-
-def describe_os_error(e: OSError) -> str:
-    where = f"{e.filename}: " if e.filename else ""
-    return f"{where}{e.strerror or e}; {OS_ADVICE.get(e.errno, 'check the path and rerun the same command')}"
-
-
 class Stopped(Exception):
     """SIGTERM (a scheduler, `kill`): stop like Ctrl-C, cleanly."""
 
@@ -120,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"prepare: error: {describe_os_error(e)}", file=sys.stderr)
+        print(f"prepare: error: {describe_os_error(e, RETRY)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Stopped) as e:
         signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM

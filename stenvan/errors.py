@@ -1,4 +1,4 @@
-"""One line for an OSError of train.py or eval.py: the path, what went wrong and what to do about it."""
+"""One line for an OSError of prepare, train.py or eval.py: the path, what went wrong and what to do about it."""
 
 from __future__ import annotations
 
