@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from stenvan.amp import resolve_precision
     from stenvan.checkpoint import CheckpointError
     from stenvan.distributed import DeviceError, describe
-    from stenvan.errors import describe_os_error
+    from stenvan.errors import error_line
     from stenvan.evaluate import evaluate_model, load_model_for_eval, with_rerank, write_outputs
     from stenvan.evaluation import format_table
     from stenvan.shards import ShardFormatError
@@ -94,8 +94,7 @@ def main(argv=None) -> int:
     except (CheckpointError, ShardFormatError, DeviceError, ValueError, ImportError, OSError) as e:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # the folder this run made for outputs it never wrote
-        line = describe_os_error(e, "rerun") if isinstance(e, OSError) else e
-        print(f"eval: error: {line}", file=sys.stderr)
+        print(f"eval: error: {error_line(e, 'rerun')}", file=sys.stderr)
         return 2
     print(format_table(results))
     print(f"features: {stats['frames']:,} frames at {stats['frames_per_s']:,.0f} frames/s; outputs in {out}")

@@ -18,7 +18,7 @@ import sys
 from stenvan.checkpoint import CheckpointError
 from stenvan.config import ConfigError, load_config
 from stenvan.distributed import DeviceError
-from stenvan.errors import describe_os_error
+from stenvan.errors import RESUME_RETRY, describe_os_error, error_line
 from stenvan.lock import LockError
 from stenvan.resume import RankZeroError
 from stenvan.run_folder import RunFolderError
@@ -28,7 +28,6 @@ from stenvan.shards import ShardFormatError
 # FileNotFoundError: a --pretrained path that does not exist; ImportError: --loader dali without DALI.
 USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, LockError, RunFolderError, RankZeroError,
                ValueError, FileNotFoundError, RuntimeError, ImportError)
-RETRY = "continue with --resume auto"  # what to do once a full disk has room again
 
 
 def main(argv=None) -> int:
@@ -48,7 +47,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:  # bad config, data, checkpoint, run folder, weights or device
         return error(e)
     except OSError as e:  # --out not writable, a full disk: one line naming the path, no traceback
-        return error(describe_os_error(e, RETRY))
+        return error(describe_os_error(e, RESUME_RETRY))
     code = 0
     try:
         trainer.fit()
@@ -58,12 +57,12 @@ def main(argv=None) -> int:
     except (ShardFormatError, CheckpointError, RankFailed) as e:  # a shard changed under the run; a checkpoint
         code = error(e)                                           # write that failed; the same on another rank
     except OSError as e:
-        code = error(describe_os_error(e, RETRY))
+        code = error(describe_os_error(e, RESUME_RETRY))
     finally:
         try:
             trainer.close()  # waits for the checkpoint in flight, which may fail too
         except (CheckpointError, OSError) as e:
-            code = code or error(describe_os_error(e, RETRY) if isinstance(e, OSError) else e)
+            code = code or error(error_line(e, RESUME_RETRY))
     return code
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from stenvan.checkpoint import CheckpointError, save_checkpoint, write_checkpoint_file
-from stenvan.errors import describe_os_error
+from stenvan.errors import RESUME_RETRY, error_line
 
 
 class CheckpointWriter:
@@ -64,8 +64,8 @@ class CheckpointWriter:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
-            what = describe_os_error(error, "continue with --resume auto") if isinstance(error, OSError) else error
-            raise CheckpointError(f"writing a checkpoint in {self.run_dir} failed: {what}") from error
+            raise CheckpointError(f"writing a checkpoint in {self.run_dir} failed: {error_line(error, RESUME_RETRY)}") \
+                from error
 
     def _to_host(self, obj, key: str):
         """(a copy of `obj` whose tensors live in this writer's host buffers, whether any came from CUDA)."""

@@ -5,6 +5,14 @@ from __future__ import annotations
 import errno
 
 
+RESUME_RETRY = "continue with --resume auto"  # how a training run carries on once the cause is fixed
+
+
+def error_line(e: BaseException, retry: str) -> str:
+    """One line for any error: `describe_os_error` for an OSError, else the error's own message."""
+    return describe_os_error(e, retry) if isinstance(e, OSError) else str(e)
+
+
 def describe_os_error(e: OSError, retry: str, what: str = "") -> str:
     """'<path>: <what went wrong>; <what to do>', where `retry` says how to carry on once the cause is fixed
     (e.g. 'continue with --resume auto'). The path is the error's own (our writers set it on failed writes);

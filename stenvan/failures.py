@@ -15,7 +15,7 @@ from typing import Callable
 
 from stenvan import distributed
 from stenvan.checkpoint import CheckpointError
-from stenvan.errors import describe_os_error
+from stenvan.errors import RESUME_RETRY, error_line
 from stenvan.shards import ShardFormatError
 
 KEPT = (CheckpointError, ShardFormatError, OSError)  # what `keep` holds back until the next agreement
@@ -44,8 +44,7 @@ class Failures:
         this rank raises: its own error, or RankFailed with the failing rank's line; whether it was a data error)."""
         error, self.kept = error or self.kept, None
         line = None if error is None else json.dumps({
-            "line": describe_os_error(error, "continue with --resume auto") if isinstance(error, OSError)
-            else str(error), "data": isinstance(error, ShardFormatError)})
+            "line": error_line(error, RESUME_RETRY), "data": isinstance(error, ShardFormatError)})
         if self.world.size > 1:
             found = distributed.first_failure(line, self.world.rank, self.world.size, self.store, self.group)
             if found is None:

@@ -37,6 +37,17 @@ class LockError(Exception):
     """The folder is locked by another process; the message names the holder and what to do."""
 
 
+def pid_exists(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -68,12 +79,8 @@ def holder_is_running(holder: dict) -> bool | None:
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_exists(pid):
         return False
-    except PermissionError:
-        pass  # exists, owned by another user
     recorded, now = holder.get("start_ticks"), _start_ticks(pid)
     return not (recorded is not None and now is not None and recorded != now)  # else: the pid was reused
 

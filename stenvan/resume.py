@@ -22,7 +22,7 @@ from typing import Callable
 
 from stenvan.checkpoint import (CheckpointError, newest_valid_checkpoint_and_digest, read_checkpoint_and_digest,
                                 unverified_line)
-from stenvan.errors import describe_os_error
+from stenvan.errors import error_line
 from stenvan.lock import LockError
 from stenvan.run_folder import RunFolderError
 
@@ -50,10 +50,6 @@ def choose_checkpoint(resume: str, run_dir) -> tuple[Path, dict, str] | None:
     return found
 
 
-def start_line(e: BaseException) -> str:
-    return describe_os_error(e, "rerun") if isinstance(e, OSError) else str(e)
-
-
 def agree_on_checkpoint(resume: str | None, run_dir, store, rank: int, world_size: int,
                         claim: Callable[[], None] = lambda: None, dataset: str = "",
                         data: str = "") -> tuple[Path, dict] | None:
@@ -73,7 +69,7 @@ def agree_on_checkpoint(resume: str | None, run_dir, store, rank: int, world_siz
                 {"path": str(found[0]), "step": found[1]["progress"]["global_step"], "sha256": found[2],
                  "dataset": dataset}
         except BaseException as e:
-            line = start_line(e) if isinstance(e, START_ERRORS) else f"rank 0 failed: {type(e).__name__}: {e}"
+            line = error_line(e, "rerun") if isinstance(e, START_ERRORS) else f"rank 0 failed: {type(e).__name__}: {e}"
             store.set(KEY, json.dumps({"error": line}))  # the others stop with the same line, not in 30 minutes
             raise
         store.set(KEY, json.dumps(decision))

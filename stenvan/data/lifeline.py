@@ -16,6 +16,8 @@ import os
 import signal
 import sys
 
+from stenvan.lock import pid_exists
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -30,7 +32,7 @@ def die_with_parent(parent_pid: int) -> None:
     if os.getpid() == parent_pid or not sys.platform.startswith("linux"):
         return
     if os.getppid() != parent_pid:
-        if _exists(parent_pid):
+        if pid_exists(parent_pid):
             return  # not its child (e.g. an object unpickled elsewhere): nothing to tie
         os._exit(1)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -40,16 +42,6 @@ def die_with_parent(parent_pid: int) -> None:
               "may outlive a killed trainer", file=sys.stderr)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _Lifeline:
