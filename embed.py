@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     from stenvan.checkpoint import CheckpointError
     from stenvan.distributed import DeviceError
-    from stenvan.embed import Embedder, InputError
+    from stenvan.inference.embed import Embedder, InputError
     from stenvan.shards import ShardFormatError
 
     try:
@@ -114,7 +114,7 @@ def save_npz(path, embedded) -> None:
 
 
 def run_search(embedder, args) -> int:
-    from stenvan.search import match_status, reranked_top_k, top_k, write_pictures, write_ranking
+    from stenvan.inference.search import match_status, reranked_top_k, top_k, write_pictures, write_ranking
 
     query = embed_source(embedder, args.query, args.query_split, args.loader)
     gallery = embed_source(embedder, args.gallery, args.gallery_split, args.loader)

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from stenvan.checkpoint import CheckpointError
     from stenvan.distributed import DeviceError, describe
     from stenvan.errors import error_line
-    from stenvan.evaluate import evaluate_model, load_model_for_eval, with_rerank, write_outputs
+    from stenvan.evaluation.evaluate import evaluate_model, load_model_for_eval, with_rerank, write_outputs
     from stenvan.evaluation import format_table
     from stenvan.shards import ShardFormatError
 
@@ -73,14 +73,15 @@ def main(argv=None) -> int:
         settings.update({k: v for k, v in (("clip_len", args.clip_len), ("height", args.height),
                                            ("width", args.width)) if v is not None})
         model.check_clip_length(settings["clip_len"])
-        results, features, records, origin, stats = evaluate_model(
+        evaluation = evaluate_model(
             model, args.data, mode=args.mode, clip_len=settings["clip_len"], height=settings["height"],
             width=settings["width"], device=device, precision=precision, loader=args.loader, workers=args.workers,
-            batch_size=args.batch_size, metric=args.metric, return_features=True)
+            batch_size=args.batch_size, metric=args.metric)
+        results, stats = evaluation.results, evaluation.stats
         if args.rerank:
             start = time.perf_counter()
-            results = with_rerank(results, features, records, args.metric, k1=args.rerank_k1, k2=args.rerank_k2,
-                                  lambda_value=args.rerank_lambda)
+            results = with_rerank(results, evaluation.features, evaluation.records, args.metric, k1=args.rerank_k1,
+                                  k2=args.rerank_k2, lambda_value=args.rerank_lambda)
             rerank = {"k1": args.rerank_k1, "k2": args.rerank_k2, "lambda": args.rerank_lambda,
                       "seconds": time.perf_counter() - start}
         extra = {"checkpoint": str(args.checkpoint), "model": settings["source"], "arch": settings["arch"],
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
                  stats["frames_per_s"]}
         if args.rerank:
             extra["rerank_params"] = rerank
-        metrics = write_outputs(out, results, features, records, origin, args.data, args.metric, extra)
+        metrics = write_outputs(out, results, evaluation, args.metric, extra)
         if args.summary:
             merge_summary(args.summary, args.label, metrics)
     except (CheckpointError, ShardFormatError, DeviceError, ValueError, ImportError, OSError) as e:

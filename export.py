@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from stenvan.checkpoint import CheckpointError
-    from stenvan.evaluate import load_model_for_eval
-    from stenvan.export import compare_with_onnxruntime, export_onnx
+    from stenvan.evaluation.evaluate import load_model_for_eval
+    from stenvan.inference.export import compare_with_onnxruntime, export_onnx
 
     out = Path(args.out)
     unchecked = out.with_name(f".{out.name}.{os.getpid()}.unchecked")  # renamed to --out once it passed the check

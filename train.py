@@ -20,8 +20,8 @@ from stenvan.config import ConfigError, load_config
 from stenvan.distributed import DeviceError
 from stenvan.errors import RESUME_RETRY, describe_os_error, error_line
 from stenvan.lock import LockError
-from stenvan.resume import RankZeroError
-from stenvan.run_folder import RunFolderError
+from stenvan.training.resume import RankZeroError
+from stenvan.training.run_folder import RunFolderError
 from stenvan.shards import ShardFormatError
 
 # RuntimeError: torchvision could not download the ImageNet weights (its message says how to get the file);
@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides, data=args.data, out=args.out)
-        from stenvan.failures import RankFailed
-        from stenvan.trainer import Trainer, TrainingStopped
+        from stenvan.training.failures import RankFailed
+        from stenvan.training.trainer import Trainer, TrainingStopped
 
         trainer = Trainer(cfg, resume=args.resume)
     except USER_ERRORS as e:  # bad config, data, checkpoint, run folder, weights or device

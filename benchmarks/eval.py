@@ -65,7 +65,7 @@ def main(argv=None) -> None:
                        args.stripes if args.arch == "ste_nvan" else None)
         rows.append({"variant": name, "precision": precision, **r})
     if args.data:
-        from stenvan.evaluate import extract_split
+        from stenvan.evaluation.evaluate import extract_split
 
         torch.manual_seed(0)
         model = build_model(args.arch, 625, stripes=args.stripes if args.arch == "ste_nvan" else None).to(device)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import append_results, device_name, print_table, versions
-from stenvan.search import BLOCK_FLOATS, top_k
+from stenvan.inference.search import BLOCK_FLOATS, top_k
 
 
 def _rss_bytes(field: str) -> int:

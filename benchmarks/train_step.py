@@ -20,7 +20,7 @@ of 256x128; the CPU default is smaller.
 
 Checkpoints (unless --no-checkpoint): the STE-NVAN preset's model (ours) trains `--ckpt-steps` steps with a full
 checkpoint (model + Adam state + RNG, as the trainer writes) every `--ckpt-every` steps, once through the
-background writer (stenvan.checkpoint_writer) and once writing on the training thread (what the trainer did
+background writer (stenvan.training.checkpoint_writer) and once writing on the training thread (what the trainer did
 before). Reported: the seconds the training thread waited for checkpoints, as a share of the run's wall time
 (the background writer's last write, finished after the loop, is reported apart as `final_flush_s`).
 """
@@ -39,12 +39,12 @@ import torch
 
 from benchmarks.common import Timer, append_results, device_name, print_table, summarize, versions
 from stenvan.checkpoint import save_checkpoint
-from stenvan.checkpoint_writer import CheckpointWriter
-from stenvan.losses import ReIDLoss
+from stenvan.training.checkpoint_writer import CheckpointWriter
+from stenvan.training.losses import ReIDLoss
 from stenvan.models import build_model, flop_counter
 from stenvan.models.sync_batchnorm import convert_sync_batchnorm
-from stenvan.optim import build_optimizer
-from stenvan.rng import rng_state
+from stenvan.training.optim import build_optimizer
+from stenvan.training.rng import rng_state
 
 VARIANTS = {
     "original": {"precision": "fp32", "attention": "reference", "channels_last": False, "fused_adam": False},

@@ -1,22 +1,50 @@
 """stenvan: fast, trustworthy training and evaluation of video person re-id models (STE-NVAN, NVAN).
 
-The package is imported by `prepare/` for the shard format alone, so heavy modules (torch models, DALI)
-are imported lazily: `stenvan.build_model` and `stenvan.Embedder` load the model code on first use.
+The public API (what the README's examples import; everything else is internal and may move):
+
+    from stenvan import Embedder, build_model, load_original_checkpoint     # models and features
+    from stenvan import TrackletTable, load_manifest, dataset_fingerprint   # reading prepared shards
+    from stenvan import first_of_chunk_indices, read_frame, resize_frame    # the input contract, piece by piece
+
+The library's parts, each a sub-package that imports only those listed before it:
+- top-level modules, shared by every part: the shard format (shards), the training config (config), the
+  distributed set-up (distributed), the checkpoint format (checkpoint), folder locks (lock), one-line errors
+  (errors), mixed precision (amp);
+- `stenvan.models`: the clip models; `stenvan.data`: the tracklet table, samplers and loaders;
+- `stenvan.evaluation`: features of a prepared dataset, the protocols, re-ranking, plots;
+- `stenvan.training`: the training run; `stenvan.inference`: embedding, search and ONNX export.
+`prepare/` imports only the top-level modules.
+
+`import stenvan` stays cheap (prepare's workers import it for the shard format): the names above are loaded on
+first use.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Embedder", "build_model", "__version__"]
+# Public name -> the module that defines it, imported on first use (PEP 562).
+_EXPORTS = {
+    "Embedder": "stenvan.inference.embed",
+    "read_frame": "stenvan.inference.embed",
+    "resize_frame": "stenvan.inference.embed",
+    "build_model": "stenvan.models.video_net",
+    "load_original_checkpoint": "stenvan.models.convert",
+    "TrackletTable": "stenvan.data.table",
+    "first_of_chunk_indices": "stenvan.data.sampling",
+    "load_manifest": "stenvan.shards",
+    "dataset_fingerprint": "stenvan.shards",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name):
-    # Lazy export: `import stenvan` must stay cheap for the prepare workers (no torch import).
-    if name == "build_model":
-        from stenvan.models import build_model
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stenvan' has no attribute {name!r}")
+    import importlib
 
-        return build_model
-    if name == "Embedder":
-        from stenvan.embed import Embedder
+    return getattr(importlib.import_module(module), name)
 
-        return Embedder
-    raise AttributeError(f"module 'stenvan' has no attribute {name!r}")
+
+def __dir__():
+    return sorted(__all__)

@@ -7,8 +7,8 @@ back and checked against the sha256 of the bytes written, then renamed. The sha2
 aside as `<name>.bad`). A file without a sidecar (a write killed between the rename and the sidecar, a copy made
 without it) is *unverified*: resume passes it over for a verified one (setting it aside as `<name>.unverified`),
 and an explicit load warns in one line. `last.pt` is a hard link to the newest checkpoint, verified by that step
-file's sidecar. Everything loads with `weights_only=True`. `stenvan.checkpoint_writer` writes these files in the
-background; `stenvan.resume` picks the one to resume from.
+file's sidecar. Everything loads with `weights_only=True`. `stenvan.training.checkpoint_writer` writes these
+files in the background; `stenvan.training.resume` picks the one to resume from.
 """
 
 from __future__ import annotations
@@ -28,6 +28,17 @@ from stenvan.shards import atomic_write, sha256_file
 FORMAT = "stenvan-checkpoint"
 VERSION = 1
 STEP_NAME = re.compile(r"^step-(\d{9})\.pt$")
+SIDECAR = ".sha256"
+
+
+def step_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """The step checkpoint `<run_dir>/step-<step, 9 digits>.pt`."""
+    return Path(run_dir) / f"step-{step:09d}.pt"
+
+
+def sidecar_path(path: Path) -> Path:
+    """Where the sha256 of checkpoint `path` is recorded: `<name>.sha256` beside it."""
+    return path.with_name(path.name + SIDECAR)
 
 
 class CheckpointError(Exception):
@@ -60,7 +71,7 @@ def write_checkpoint_file(state: dict, path: str | os.PathLike) -> Path:
     the file system; only a file that matches is renamed into place.
     """
     path = Path(path)
-    sidecar = path.with_name(path.name + ".sha256")
+    sidecar = sidecar_path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)
@@ -93,7 +104,7 @@ def save_checkpoint(state: dict, run_dir: str | os.PathLike, step: int, keep: in
     """Write `step-<step>.pt` (+ .sha256), point last.pt at it, keep the newest `keep` step files."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = write_checkpoint_file(state, run_dir / f"step-{step:09d}.pt")
+    path = write_checkpoint_file(state, step_path(run_dir, step))
     link_tmp = run_dir / f".last.pt.{os.getpid()}.tmp"
     if link_tmp.exists():
         link_tmp.unlink()
@@ -101,7 +112,7 @@ def save_checkpoint(state: dict, run_dir: str | os.PathLike, step: int, keep: in
     os.replace(link_tmp, run_dir / "last.pt")
     for old in step_checkpoints(run_dir)[:-keep]:
         old.unlink()
-        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+        sidecar_path(old).unlink(missing_ok=True)
     return path
 
 
@@ -112,17 +123,23 @@ def step_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load and check one checkpoint file; raises CheckpointError naming the file and the problem. A file without
-    a `.sha256` to check it against loads with a one-line warning on stderr (see `read_checkpoint_and_digest`)."""
-    state, _, verified = read_checkpoint_and_digest(path, map_location)
+    a `.sha256` to check it against loads with a one-line warning on stderr (see `read_named_checkpoint`)."""
+    return read_named_checkpoint(path, map_location)[0]
+
+
+def read_named_checkpoint(path: str | os.PathLike, map_location="cpu", prefix: str = "") -> tuple[dict, str]:
+    """(state, sha256) of a checkpoint the user named: one that nothing verifies loads (they named it, and copies
+    made without the sidecar are common) with a one-line warning on stderr, after `prefix` (e.g. "resume: ")."""
+    state, digest, verified = read_checkpoint_and_digest(path, map_location)
     if not verified:
-        print(f"warning: {unverified_line(path)}", file=sys.stderr, flush=True)
-    return state
+        print(f"{prefix}warning: {unverified_line(path)}", file=sys.stderr, flush=True)
+    return state, digest
 
 
 def unverified_line(path: str | os.PathLike) -> str:
     path = Path(path)
-    return (f"{path}: unverified: no {path.name}.sha256 beside it to check its bytes against (a copy made without "
-            "it, or a write cut short), so a damaged file would load with wrong weights")
+    return (f"{path}: unverified: no {sidecar_path(path).name} beside it to check its bytes against (a copy made "
+            "without it, or a write cut short), so a damaged file would load with wrong weights")
 
 
 def sidecar_digest(path: Path) -> tuple[str | None, str]:
@@ -130,7 +147,7 @@ def sidecar_digest(path: Path) -> tuple[str | None, str]:
 
     `last.pt` is a hard link to the newest step file, and has no sidecar of its own: the step file that is the
     same file gives it (in a copied run folder, where the link became a copy, any step file's sidecar may)."""
-    sidecar = path.with_name(path.name + ".sha256")
+    sidecar = sidecar_path(path)
     if sidecar.is_file():
         return sidecar.read_text().strip(), sidecar.name
     if path.name == "last.pt":
@@ -175,8 +192,7 @@ def read_checkpoint_and_digest(path: str | os.PathLike, map_location="cpu") -> t
 
 
 def _step_digests(run_dir: Path) -> set[str]:
-    return {p.with_name(p.name + ".sha256").read_text().strip() for p in step_checkpoints(run_dir)
-            if p.with_name(p.name + ".sha256").is_file()}
+    return {sidecar_path(p).read_text().strip() for p in step_checkpoints(run_dir) if sidecar_path(p).is_file()}
 
 
 def newest_valid_checkpoint(run_dir: str | os.PathLike, map_location="cpu") -> tuple[Path, dict] | None:
@@ -194,10 +210,10 @@ def newest_valid_checkpoint_and_digest(run_dir: str | os.PathLike,
     as `<name>.unverified`, or, when no checkpoint verifies, the newest of them that loads is used, with a line
     saying so. Set aside, they no longer count among the kept checkpoints nor come back on the next resume.
     Only one process may call this on a run folder at a time (it renames files): in a distributed run, rank 0
-    (see `stenvan.resume`)."""
+    (see `stenvan.training.resume`)."""
     unverified = []
     for path in reversed(step_checkpoints(run_dir)):
-        if not path.with_name(path.name + ".sha256").is_file():
+        if not sidecar_path(path).is_file():
             unverified.append(path)  # loaded only if nothing verified is found
             continue
         try:
@@ -223,7 +239,7 @@ def newest_valid_checkpoint_and_digest(run_dir: str | os.PathLike,
 def _set_aside(path: Path, suffix: str, line: str) -> None:
     """Rename a checkpoint (and its sidecar) to <name><suffix>: kept for inspection, no longer a step checkpoint."""
     os.replace(path, path.with_name(path.name + suffix))
-    sidecar = path.with_name(path.name + ".sha256")
+    sidecar = sidecar_path(path)
     if sidecar.exists():
-        os.replace(sidecar, path.with_name(path.name + ".sha256" + suffix))
+        os.replace(sidecar, sidecar.with_name(sidecar.name + suffix))
     print(f"{line} (renamed to {path.name}{suffix})", file=sys.stderr, flush=True)

@@ -1,8 +1,8 @@
 """The training configuration: one typed, frozen dataclass, YAML presets in `configs/`, `--key value` overrides.
 
 The resolved config is printed at start, saved as `config.yaml` in the run folder and stored in every
-checkpoint. Library functions take plain arguments; only the trainer (`stenvan.trainer`), the model builder
-(`stenvan.builders`) and the model loader of `stenvan.evaluate` read this object.
+checkpoint. Library functions take plain arguments; only the trainer (`stenvan.training.trainer`), the model
+builder (`stenvan.models.from_config`) and the model loader of `stenvan.evaluation.evaluate` read this object.
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def _indices(args) -> list:
 def model_step_reads(rank: int, world: int) -> dict:
     """A tiny STE-NVAN converted to SyncBatchNorm under DDP, the re-id loss over the global batch: the host reads
     of each of three forward+backward passes (the first two also build DDP's buckets)."""
-    from stenvan.losses import ReIDLoss
+    from stenvan.training.losses import ReIDLoss
     from stenvan.models import build_model
     from stenvan.models.sync_batchnorm import SyncBatchNorm
 

@@ -10,9 +10,9 @@ import threading
 import pytest
 import torch
 
-from stenvan import checkpoint_writer
+from stenvan.training import checkpoint_writer
 from stenvan.checkpoint import CheckpointError, read_checkpoint, step_checkpoints, write_checkpoint_file
-from stenvan.checkpoint_writer import CheckpointWriter
+from stenvan.training.checkpoint_writer import CheckpointWriter
 from stenvan.config import load_config
 from tests.test_train import TINY, shards  # noqa: F401 - the module's shard fixture
 
@@ -74,7 +74,7 @@ def test_write_is_verified_against_the_bytes_written(tmp_path, monkeypatch):
 
 
 def run_trainer(shards, out, *extra):  # noqa: F811
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     trainer = Trainer(load_config(None, TINY + ["--batches_per_epoch", "2", "--keep_ckpts", "9", *extra],
                                   data=str(shards), out=str(out)))

@@ -9,7 +9,7 @@ import torch
 
 from stenvan.data import ClipSpec, TrackletTable
 from stenvan.data.clips import load_clip, normalize
-from stenvan.evaluate import extract_split
+from stenvan.evaluation.evaluate import extract_split
 
 SIZE = dict(clip_len=4, height=64, width=32)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29

@@ -19,7 +19,7 @@ from stenvan.checkpoint import read_checkpoint
 from stenvan.config import ConfigError, load_config
 from stenvan.data.sampling import IdentitySampler
 from stenvan.distributed import World, use_sync_bn
-from stenvan.trainer import check_batchnorm_share
+from stenvan.training.trainer import check_batchnorm_share
 from tests.test_train import REPO, model_of, run, shards, train_cmd  # noqa: F401 - the module's shard fixture
 
 
@@ -57,7 +57,7 @@ def test_four_processes_on_two_nodes_equal_one_process(shards, tmp_path):  # noq
     assert all(agent.returncode == 0 for agent in agents), "\n".join(err[-3000:] for _, err in outputs)
     four = read_checkpoint(tmp_path / "four" / "last.pt")
     assert four["world_size"] == 4 and four["progress"]["global_step"] == 1
-    from stenvan.evaluate import load_model_for_eval
+    from stenvan.evaluation.evaluate import load_model_for_eval
 
     init = load_model_for_eval(str(tmp_path / "one" / "last.pt"), None, untrained=True)[0].state_dict()
     update, differ = update_and_difference(model_of(tmp_path / "one" / "last.pt"), four["model"], init)
@@ -86,7 +86,7 @@ def test_two_processes_with_sync_bn_equal_one_process(shards, tmp_path):  # noqa
     assert "BatchNorm synchronised over the global batch" in two.stdout + two.stderr
     state = read_checkpoint(tmp_path / "two" / "last.pt")
     assert state["world_size"] == 2 and state["progress"]["global_step"] == 1
-    from stenvan.evaluate import load_model_for_eval
+    from stenvan.evaluation.evaluate import load_model_for_eval
 
     # The 2-process checkpoint loads strictly into the plain model, as eval.py and a one-process resume build it.
     trained = load_model_for_eval(str(tmp_path / "two" / "last.pt"), None)[0].state_dict()

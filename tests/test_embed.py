@@ -70,7 +70,7 @@ def test_embedding_equals_eval_features(data, tmp_path, mode):
 
 def test_library_call_takes_arrays_paths_and_png(data, tmp_path):
     from stenvan import Embedder
-    from stenvan.embed import list_tracklets, read_frame
+    from stenvan.inference.embed import list_tracklets, read_frame
 
     embedder = Embedder(data / "model.pt", workers=0)
     key, paths = max(list_tracklets(data / "tracklets"), key=lambda t: len(t[1]))
@@ -143,7 +143,7 @@ def fine_tune(model, shards: Path, steps: int = 200, clips: int = 32):
     import torch
 
     from stenvan.data import TrackletTable, build_eval_loader
-    from stenvan.losses import ReIDLoss
+    from stenvan.training.losses import ReIDLoss
 
     last = model.backbone.layer4[-1]  # torchvision Bottleneck: relu(bn3(conv3(h)) + x)
     labels = TrackletTable.from_dir(shards, "train").labels
@@ -273,7 +273,7 @@ def test_search_rerank_and_shards_with_identities(searched, tmp_path):
 def test_top_k_in_chunks_equals_a_full_stable_sort():
     import torch
 
-    from stenvan.search import top_k
+    from stenvan.inference.search import top_k
 
     rng = np.random.default_rng(0)
     gallery = rng.normal(size=(50, 8)).astype(np.float32)

@@ -35,7 +35,7 @@ def assert_close(got, expected):
 
 
 def test_onnx_reproduces_pytorch_features(checkpoint, tmp_path, capsys):
-    from stenvan.evaluate import load_model_for_eval
+    from stenvan.evaluation.evaluate import load_model_for_eval
 
     out = tmp_path / "model.onnx"
     assert export_cli.main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
@@ -59,8 +59,8 @@ def test_onnx_reproduces_pytorch_features(checkpoint, tmp_path, capsys):
 
 def test_falls_back_to_reference_attention(checkpoint, tmp_path, monkeypatch, capsys):
     """If the fused attention cannot be exported, the graph carries the reference attention: same features."""
-    import stenvan.export as export_lib
-    from stenvan.evaluate import load_model_for_eval
+    import stenvan.inference.export as export_lib
+    from stenvan.evaluation.evaluate import load_model_for_eval
 
     real = export_lib._export
     attempts = []

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gpu
 
 
 def train_losses(shards, out, *extra) -> tuple[list[float], object]:  # noqa: F811
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     cfg = load_config(None, TINY + ["--device", "cuda", "--precision", "bf16", "--max_steps", "3", "--log_every", "1",
                                     "--ckpt_minutes", "0", *extra], data=str(shards), out=str(out))

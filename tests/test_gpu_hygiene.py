@@ -22,7 +22,7 @@ def test_precision_auto_follows_the_gpu(monkeypatch, capability, expected):
 
 def test_trainer_asks_for_the_training_dtype_and_cudnn_autotuning(shards, tmp_path, monkeypatch):  # noqa: F811
     import stenvan.data
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     asked = {}
@@ -40,7 +40,7 @@ def test_trainer_asks_for_the_training_dtype_and_cudnn_autotuning(shards, tmp_pa
 
 
 def test_evaluation_runs_the_model_in_channels_last(shards):  # noqa: F811
-    from stenvan.evaluate import extract_split
+    from stenvan.evaluation.evaluate import extract_split
     from stenvan.models import build_model
 
     model = build_model("ste_nvan", 4, stripes=2)  # NCHW weights, as load_model_for_eval returns them

@@ -110,7 +110,7 @@ def test_fp16_with_grad_scaler_trains(shards, tmp_path):  # noqa: F811
     fused Adam unscales and skips overflowing steps on the device; the run ends with finite losses, updated
     weights and the scaler's state in the checkpoint."""
     from stenvan.checkpoint import read_checkpoint
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     out = tmp_path / "run"
     # 16 steps: the scaler starts at 2^16 and halves on each overflowing step (skipped) until the gradients fit.
@@ -137,7 +137,7 @@ def test_evaluation_on_the_gpu_right_after_training(shards, tmp_path, monkeypatc
     """The trainer evaluates at the end of an epoch on the GPU: its DALI eval pipeline starts after CUDA is up
     (so its workers are spawned, not forked) and the metrics arrive."""
     from stenvan.data import dali_loader
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     built = []
     real_build = dali_loader.build_pipeline

@@ -82,9 +82,9 @@ def test_ddp_with_sync_batchnorm_steps_like_the_plain_model(nccl_world):
     one step by 2.5e-5 and 1.5e-2), and a second step amplifies a 1e-6 weight perturbation to tens of percent."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from stenvan.losses import ReIDLoss
+    from stenvan.training.losses import ReIDLoss
     from stenvan.models import build_model
-    from stenvan.optim import build_optimizer
+    from stenvan.training.optim import build_optimizer
 
     old = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # the same conv kernels
@@ -127,9 +127,9 @@ def test_training_steps_with_sync_batchnorm_run_clean_under_sync_debug_mode(nccl
     SyncBatchNorm would, once per BatchNorm layer (its empty-rank mask)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from stenvan.losses import ReIDLoss
+    from stenvan.training.losses import ReIDLoss
     from stenvan.models import build_model
-    from stenvan.optim import build_optimizer, step_unless
+    from stenvan.training.optim import build_optimizer, step_unless
 
     torch.manual_seed(0)
     model = convert_sync_batchnorm(build_model("ste_nvan", 4, stripes=2)).to(CUDA).to(

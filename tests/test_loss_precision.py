@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from stenvan.losses import ReIDLoss, batch_hard_triplet
+from stenvan.training.losses import ReIDLoss, batch_hard_triplet
 
 
 def realistic_batch(P=8, K=4, dim=2048, seed=0):

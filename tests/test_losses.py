@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from stenvan.losses import ReIDLoss, batch_hard_triplet
+from stenvan.training.losses import ReIDLoss, batch_hard_triplet
 
 
 def test_batch_hard_triplet_hand_worked():

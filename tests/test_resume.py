@@ -76,7 +76,7 @@ def test_resume_does_not_fetch_imagenet_weights_again(shards, tmp_path, monkeypa
     import torchvision
     from torchvision.models._api import WeightsEnum
 
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     fetched = []
 

@@ -42,7 +42,7 @@ def in_dataloader_setup() -> bool:
 
 
 def test_only_log_points_read_scalars(shards, tmp_path, monkeypatch):  # noqa: F811
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     cfg = load_config(None, TINY + ["--log_every", str(LOG_EVERY), "--max_steps", str(STEPS), "--ckpt_minutes", "0"],
                       data=str(shards), out=str(tmp_path / "run"))
@@ -74,7 +74,7 @@ def test_training_steps_run_clean_under_cuda_sync_debug_mode(shards, tmp_path, m
     """On a GPU, a step raises if anything in it synchronises with the host (log points excluded): with either
     loader's batches (DALI's arrive on its own stream) and with fp16's GradScaler (fused Adam takes the scale and
     the found-inf flag as device tensors)."""
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     cfg = load_config(None, TINY + ["--device", "cuda", "--log_every", "1000", "--max_steps", "4",
                                     "--ckpt_minutes", "0", "--precision", precision, "--loader", loader],

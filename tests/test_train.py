@@ -154,7 +154,7 @@ def test_one_process_equals_two_processes(shards, tmp_path):
                str(29500 + random.Random().randint(0, 999)), *train_cmd(shards, tmp_path / "two", *common)[1:]])
     assert two.returncode == 0, two.stderr
     assert read_checkpoint(tmp_path / "two" / "last.pt")["world_size"] == 2
-    from stenvan.evaluate import load_model_for_eval
+    from stenvan.evaluation.evaluate import load_model_for_eval
 
     init = load_model_for_eval(str(tmp_path / "one" / "last.pt"), None, untrained=True)[0].state_dict()
     for step, tolerance in ((1, 1e-4), (3, 1e-2)):
@@ -183,8 +183,8 @@ def test_bf16_autocast_runs_on_cpu_and_dali_loader(shards, tmp_path):
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monkeypatch):
     from stenvan.config import load_config
-    from stenvan.losses import ReIDLoss
-    from stenvan.trainer import Trainer, TrainingStopped
+    from stenvan.training.losses import ReIDLoss
+    from stenvan.training.trainer import Trainer, TrainingStopped
 
     real = ReIDLoss.forward
     calls = {"n": 0}
@@ -229,7 +229,7 @@ def test_bad_configs_and_checkpoints_are_clear_errors(shards, tmp_path):
 def test_dali_pipeline_runs_across_epochs_without_rebuilds(shards, tmp_path, monkeypatch):
     from stenvan.config import load_config
     from stenvan.data import dali_loader
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     builds = []
     real = dali_loader.build_pipeline
@@ -246,7 +246,7 @@ def test_dali_pipeline_runs_across_epochs_without_rebuilds(shards, tmp_path, mon
 
 def test_periodic_evaluation_and_selection_only_when_asked(shards, tmp_path):
     from stenvan.config import load_config
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     for select in (False, True):
         out = tmp_path / f"select-{select}"

@@ -166,13 +166,13 @@ def test_a_full_disk_at_the_sidecar_leaves_an_unverified_checkpoint_that_resume_
 
 
 def test_a_full_disk_under_metrics_jsonl(shards, tmp_path, capsys, monkeypatch):  # noqa: F811
-    import stenvan.runlog
+    import stenvan.training.runlog
 
     def open_(path, *args, **kwargs):  # no room for a log line
         f = builtins.open(path, *args, **kwargs)
         return FullAfter(f, 0) if str(path).endswith("metrics.jsonl") else f
 
-    monkeypatch.setattr(stenvan.runlog, "open", open_, raising=False)
+    monkeypatch.setattr(stenvan.training.runlog, "open", open_, raising=False)
     out = tmp_path / "run"
     line = one_error_line(capsys, "train", train_args(shards, out, "--max_steps", "3", "--ckpt_every", "1"))
     assert line == (f"train: error: {out / 'metrics.jsonl'}: No space left on device; the disk is full: free some "
@@ -211,19 +211,19 @@ def test_eval_into_a_read_only_folder(model, shards, tmp_path, capsys, monkeypat
 
 def test_a_full_disk_while_eval_writes_leaves_the_earlier_outputs_as_they_were(
         model, shards, tmp_path, capsys, monkeypatch):  # noqa: F811
-    import stenvan.evaluate
+    import stenvan.evaluation.evaluate
 
     out = tmp_path / "eval"
     out.mkdir()
     (out / "metrics.json").write_text("an earlier evaluation's\n")
-    real = stenvan.evaluate.atomic_write
+    real = stenvan.evaluation.evaluate.atomic_write
 
     def atomic_write(path, data, tmp_dir=None):
         if os.path.basename(path) == "features.npz":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, data, tmp_dir)
 
-    monkeypatch.setattr(stenvan.evaluate, "atomic_write", atomic_write)
+    monkeypatch.setattr(stenvan.evaluation.evaluate, "atomic_write", atomic_write)
     line = one_error_line(capsys, "eval", eval_args(model, shards, out))
     assert line == (f"eval: error: {out / 'features.npz'}: No space left on device; the disk is full: free some "
                     "space, then rerun")

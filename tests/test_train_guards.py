@@ -87,7 +87,7 @@ def test_a_second_run_on_the_same_folder_stops_with_one_line_and_a_dead_runs_loc
 # ----------------------------------------------------------------------------------------------------------
 
 def resume_trainer(shards, out, *extra, data=None):  # noqa: F811
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     return Trainer(load_config(None, TINY + list(extra), data=str(data or shards), out=str(out)), resume="auto")
 
@@ -148,9 +148,9 @@ def test_resume_from_a_moved_copy_of_the_same_dataset_and_with_a_new_lr(
 
 def test_resume_into_fp16_starts_a_fresh_grad_scaler(shards, base_run, tmp_path, monkeypatch):  # noqa: F811
     # fp16 needs a GPU; on the CPU the trainer is told it resolved to fp16 (an enabled GradScaler, as on a V100).
-    import stenvan.trainer
+    import stenvan.training.trainer
 
-    monkeypatch.setattr(stenvan.trainer, "resolve_precision", lambda precision, device: "fp16")
+    monkeypatch.setattr(stenvan.training.trainer, "resolve_precision", lambda precision, device: "fp16")
     out = linked_copy(base_run, tmp_path / "run")
     trainer = resume_trainer(shards, out)  # the fp32 run's scaler state is empty: loading it raised before
     try:
@@ -304,7 +304,7 @@ def test_resume_removes_only_the_temp_files_of_killed_checkpoint_writes(shards, 
 
 
 def test_a_fresh_start_removes_them_too(shards, tmp_path, capsys):  # noqa: F811
-    from stenvan.trainer import Trainer
+    from stenvan.training.trainer import Trainer
 
     out = tmp_path / "run"
     kill_a_write(out, "data")

@@ -24,7 +24,7 @@ def tiny_config(arch: str = "ste_nvan") -> TrainConfig:
 
 
 def tiny_model(cfg: TrainConfig, num_classes: int, seed: int = 0) -> nn.Module:
-    """The model eval.py rebuilds from `cfg` (stenvan.evaluate.load_model_for_eval), with lively norms."""
+    """The model eval.py rebuilds from `cfg` (stenvan.evaluation.evaluate.load_model_for_eval), with lively norms."""
     torch.manual_seed(seed)
     options = {} if cfg.arch == "baseline" else {"attention": cfg.attention}
     if cfg.arch == "ste_nvan":

@@ -1,6 +1,7 @@
 """The data pipeline: tracklet table, P×K identity sampler, clip sampling, DALI and torch loaders (design §1).
 
 Imports DALI only when a DALI loader is built, so the torch backend works where DALI is not installed.
+May import: the shared top-level modules (stenvan.shards, .lock, ...); never the models, evaluation or training.
 """
 
 from stenvan.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader

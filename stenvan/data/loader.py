@@ -324,14 +324,15 @@ class EvalLoader:
 
 def build_eval_loader(shard_dir, split: str, *, mode: str = "paper", clip_len: int, height: int, width: int,
                       batch_size: int, backend: str = "dali", device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.float32, workers: int = 2) -> EvalLoader:
+                      dtype: torch.dtype = torch.float32, workers: int = 2,
+                      table: TrackletTable | None = None) -> EvalLoader:
     """Every tracklet of `split` ("train", "query" or "gallery") in order: `paper` = one clip of the first
     frames of the T chunks; `dense` = every frame once, in clips that weigh each frame the same
-    (`sampling.dense_chunks`)."""
+    (`sampling.dense_chunks`). `table`: that split's table, if the caller has read it already."""
     _check(backend, dtype, clip_len, height, width)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    table = TrackletTable.from_dir(shard_dir, split)
+    table = table if table is not None else TrackletTable.from_dir(shard_dir, split)
     return EvalLoader(table, eval_clips(table.num_frames, clip_len, mode), batch_size=batch_size, backend=backend,
                       device=torch.device(device), dtype=dtype, workers=workers, clip_len=clip_len, height=height,
                       width=width)

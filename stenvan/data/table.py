@@ -170,9 +170,16 @@ class TrackletTable:
         member = f"{self.tracklets[index].key}.json"
         return json.loads(store.read(int(self.shard_of[index]), int(offset), int(size), member).tobytes())
 
+    def read_frames(self, index: int, store: FrameStore | None = None) -> list[bytes]:
+        """The encoded frames of tracklet `index` (their original bytes), in temporal order."""
+        store = store or self.store()
+        return [store.read(*location).tobytes() for location in
+                self.frame_locations(index, range(int(self.num_frames[index])))]
+
     @classmethod
-    def from_dir(cls, shard_dir: str | os.PathLike, split: str) -> "TrackletTable":
-        """Read `manifest.json` and the `.idx` files of the shards the split uses, checking them on the way.
+    def from_dir(cls, shard_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> "TrackletTable":
+        """Read `manifest.json` (unless `manifest`, loaded by `load_manifest` from this folder, is given) and the
+        `.idx` files of the shards the split uses, checking them on the way.
 
         Raises ShardFormatError naming the file for: a missing manifest/shard/index, a format version this code
         does not read, a shard whose size disagrees with the manifest, or an index that disagrees with it.
@@ -180,7 +187,7 @@ class TrackletTable:
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not valid; use one of {', '.join(map(repr, SPLITS))}")
         directory = Path(shard_dir)
-        manifest = load_manifest(directory)
+        manifest = manifest if manifest is not None else load_manifest(directory)
         manifest_path = directory / "manifest.json"
         try:
             entry = manifest["splits"][split]

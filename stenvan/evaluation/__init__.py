@@ -1,6 +1,10 @@
 """Retrieval evaluation: distances, the three named protocols of design §5, and plots.
 
-Typical use (eval.py):
+`evaluate.py` runs a model over a prepared dataset's splits and writes eval.py's outputs; the other modules are
+pure functions of features and labels.
+May import: the shared top-level modules, stenvan.models and stenvan.data; never training or inference.
+
+Typical use:
     records = Tracklets(keys, pids, camids, is_query, in_gallery)   # one per feature row
     results = evaluate_all(features, records, metric="cosine")      # {"official": {...}, ...}
     print(format_table(results)); plot_cmc(results, run_dir / "cmc.png")

@@ -4,7 +4,7 @@ Why numpy on the host: the protocols (protocols.py) rank with numpy, and even an
 (12,180² × 4 B = 593 MB) fits in host memory, whereas keeping it on a GPU beside a model would not be free.
 Each chunk of queries is computed on the features' device (CPU or CUDA) and copied back as soon as it is
 done, so device memory holds one chunk (chunk_size × #gallery floats) at a time. `distance_blocks` yields
-the chunks on the device for callers that reduce them there (stenvan.search keeps only each row's top k).
+the chunks on the device for callers that reduce them there (stenvan.inference.search keeps only each row's top k).
 """
 
 from typing import Iterator, Literal

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,18 @@ from stenvan.amp import autocast as amp_autocast
 from stenvan.evaluation import Tracklets, evaluate_all, plot_cmc, plot_ranked_list, query_distances, top_k_matches
 from stenvan.evaluation.protocols import scalar_metrics
 from stenvan.shards import atomic_write, load_manifest
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate_model` computed: the protocols' results, and what eval.py's outputs are made of."""
+    results: dict  # {"official": {...}, "standard": {...}, "torchreid": {...}}
+    features: np.ndarray  # (N, 2048) float32, one row per record
+    records: Tracklets  # the labels of each row
+    origin: list[tuple[str, int]]  # each record's (split, index in that split)
+    tables: dict  # split -> its TrackletTable (the frames, e.g. for thumbnails)
+    stats: dict  # frames, seconds, frames_per_s of the feature extraction
+
 
 def eval_splits(manifest: dict) -> list[tuple[str, bool | None, bool]]:
     """(split, is_query, in_gallery) for the splits whose tracklets become records; is_query None: per tracklet,
@@ -49,24 +62,25 @@ def channels_last(model: torch.nn.Module):
 @torch.no_grad()
 def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: str, clip_len: int, height: int,
                   width: int, device: torch.device, precision: str, loader: str = "dali", workers: int = 2,
-                  batch_size: int = 32, progress: bool = True) -> tuple[np.ndarray, dict]:
+                  batch_size: int = 32, progress: bool = True, table=None) -> tuple[np.ndarray, dict]:
     """Post-BN features (num_tracklets, 2048) of a split in manifest order. Dense: the mean of a tracklet's clip
-    features weighted by the distinct frames each clip holds, so that every frame weighs the same."""
+    features weighted by the distinct frames each clip holds, so that every frame weighs the same.
+    `table`: the split's TrackletTable, if the caller has read it already."""
     from tqdm import tqdm
 
-    from stenvan.data import build_eval_loader
+    from stenvan.data import TrackletTable, build_eval_loader
 
-    manifest = load_manifest(shard_dir)
-    entries = manifest["splits"][split]["tracklets"]
+    table = table if table is not None else TrackletTable.from_dir(shard_dir, split)
+    entries = table.tracklets
     batches = build_eval_loader(shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
                                 batch_size=batch_size, backend=loader, device=device, dtype=AMP_DTYPES[precision],
-                                workers=workers)
+                                workers=workers, table=table)
 
     def checked(stream):
         for batch in stream:
             for i, key, pid in zip(batch["tracklet"].tolist(), batch["keys"], batch["pids"].tolist()):
-                if entries[i]["key"] != key or entries[i]["pid"] != pid:  # never misattribute a feature
-                    raise RuntimeError(f"eval loader gave {key} (pid {pid}) for tracklet {i} = {entries[i]['key']}")
+                if entries[i].key != key or entries[i].pid != pid:  # never misattribute a feature
+                    raise RuntimeError(f"eval loader gave {key} (pid {pid}) for tracklet {i} = {entries[i].key}")
             yield batch
 
     with batches, tqdm(total=len(entries), desc=f"features {split}", unit="tracklet",
@@ -74,7 +88,7 @@ def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: s
         features, stats = features_per_tracklet(model, checked(batches), len(entries), device=device,
                                                 precision=precision, bar=bar)
     if stats["missing"]:
-        missing = [entries[i]["key"] for i in stats["missing"][:5]]
+        missing = [entries[i].key for i in stats["missing"][:5]]
         raise RuntimeError(f"eval loader skipped tracklets of {split}, e.g. {missing}")
     return features, {k: stats[k] for k in ("frames", "seconds", "frames_per_s")}
 
@@ -87,7 +101,7 @@ def features_per_tracklet(model: torch.nn.Module, batches, num_tracklets: int, *
     `batches` yield {"clips": (B, T, 3, H, W) on `device`, "tracklet": (B,) int64 index of each clip's tracklet,
     "real_frames": (B,) distinct frames each clip holds}: a clip's weight, so that every real frame of a tracklet
     counts the same in dense mode (see stenvan.data.sampling.dense_chunks). The one place where clip features
-    become tracklet features, for eval (extract_split) and stenvan.embed alike.
+    become tracklet features, for eval (extract_split) and stenvan.inference.embed alike.
     Returns (features, stats) with stats["missing"] = indices of tracklets that got no clip.
     """
     model.eval()
@@ -133,14 +147,18 @@ def build_records(manifest: dict) -> tuple[Tracklets, list[tuple[str, int]]]:
 
 def evaluate_model(model, shard_dir: str, *, mode: str, clip_len: int, height: int, width: int, device,
                    precision: str, loader: str = "dali", workers: int = 2, batch_size: int = 32,
-                   metric: str = "cosine", return_features: bool = False, progress: bool = True):
-    """Features for every record, then {"official", "standard", "torchreid"} results."""
+                   metric: str = "cosine", progress: bool = True) -> Evaluation:
+    """Features for every record, then the {"official", "standard", "torchreid"} results. The manifest is read and
+    checked once, and each evaluated split's table once (the loader and the thumbnails share it)."""
+    from stenvan.data import TrackletTable
+
     manifest = load_manifest(shard_dir)
-    parts, stats = [], {"frames": 0, "seconds": 0.0}
+    parts, tables, stats = [], {}, {"frames": 0, "seconds": 0.0}
     for split, _, _ in eval_splits(manifest):
+        tables[split] = TrackletTable.from_dir(shard_dir, split, manifest)
         feats, s = extract_split(model, shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
                                  device=device, precision=precision, loader=loader, workers=workers,
-                                 batch_size=batch_size, progress=progress)
+                                 batch_size=batch_size, progress=progress, table=tables[split])
         parts.append(feats)
         stats["frames"] += s["frames"]
         stats["seconds"] += s["seconds"]
@@ -148,9 +166,7 @@ def evaluate_model(model, shard_dir: str, *, mode: str, clip_len: int, height: i
     records, origin = build_records(manifest)
     results = evaluate_all(features, records, metric=metric)
     stats["frames_per_s"] = stats["frames"] / max(stats["seconds"], 1e-9)
-    if return_features:
-        return results, features, records, origin, stats
-    return results
+    return Evaluation(results, features, records, origin, tables, stats)
 
 
 def with_rerank(results: dict, features: np.ndarray, records: Tracklets, metric: str = "cosine",
@@ -174,11 +190,13 @@ def with_rerank(results: dict, features: np.ndarray, records: Tracklets, metric:
 OUTPUTS = ("metrics.json", "features.npz", "cmc.png", "ranked_list.png")
 
 
-def write_outputs(out_dir: str | os.PathLike, results: dict, features: np.ndarray, records: Tracklets,
-                  origin: list[tuple[str, int]], shard_dir: str, metric: str, extra: dict, num_queries_shown: int = 6):
+def write_outputs(out_dir: str | os.PathLike, results: dict, evaluation: Evaluation, metric: str, extra: dict,
+                  num_queries_shown: int = 6):
     """metrics.json, features.npz, cmc.png and ranked_list.png in `out_dir`, written together: all of them into a
     staging folder inside `out_dir` first, then each renamed into place (renames need no space), so a failure
-    (a full disk) leaves `out_dir` as it was, never a new metrics.json beside an older run's features."""
+    (a full disk) leaves `out_dir` as it was, never a new metrics.json beside an older run's features.
+    `results`: the evaluation's own, or with re-ranked entries added (`with_rerank`)."""
+    features, records = evaluation.features, evaluation.records
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".staging.{os.getpid()}.tmp"
@@ -195,7 +213,7 @@ def write_outputs(out_dir: str | os.PathLike, results: dict, features: np.ndarra
         rows = sorted(set(pick.astype(int).tolist()))
         shown = _subset_queries(records, rows)  # only the shown queries: their distances alone are computed
         order, statuses = top_k_matches(query_distances(features, shown, metric), shown, "official", k=10)
-        thumbs = _thumbnails(shard_dir, origin)
+        thumbs = thumbnails(evaluation.tables, evaluation.origin)
         query_thumbs = [thumbs(records.query_indices[r]) for r in rows]
         ranked = [[thumbs(j) for j in order[i]] for i in range(len(rows))]
         titles = [str(records.keys[records.query_indices[r]]) for r in rows]
@@ -218,20 +236,17 @@ def _subset_queries(records: Tracklets, rows: list[int]) -> Tracklets:
     return Tracklets(records.keys, records.pids, records.camids, records.is_query & keep, records.in_gallery)
 
 
-def _thumbnails(shard_dir: str, origin: list[tuple[str, int]]):
-    """record index -> the tracklet's first frame as a 64x32 RGB thumbnail (read from its shard by offset)."""
+def thumbnails(tables: dict, origin: list[tuple[str, int]]):
+    """record index -> the tracklet's first frame as a 64x32 RGB thumbnail (read from its shard by offset);
+    `tables`: split -> TrackletTable, `origin`: each record's (split, index in that split)."""
     from PIL import Image
 
-    from stenvan.data import TrackletTable
-
-    tables: dict[str, tuple] = {}
+    stores: dict[str, object] = {}
 
     def thumb(record: int) -> np.ndarray:
         split, i = origin[record]
-        if split not in tables:
-            table = TrackletTable.from_dir(shard_dir, split)
-            tables[split] = (table, table.store())
-        table, store = tables[split]
+        table = tables[split]
+        store = stores.setdefault(split, table.store())
         data = store.read(*table.frame_locations(i, [0])[0]).tobytes()
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB").resize((32, 64), Image.BILINEAR))
@@ -247,7 +262,7 @@ def load_model_for_eval(checkpoint: str, original_arch: str | None, untrained: b
     """
     from stenvan.checkpoint import CheckpointError, read_checkpoint
     from stenvan.config import config_from_dict
-    from stenvan.builders import build_model_from_config
+    from stenvan.models.from_config import build_model_from_config
 
     if original_arch:
         from stenvan.models import load_original_checkpoint

@@ -32,7 +32,7 @@ MUST_KEEP = {
     "batches_per_epoch": "the steps of an epoch: the sampler's position and the schedule",
     "optimizer": "the optimizer state in the checkpoint",
 }
-# Allowed changes that need more than a new config to take effect (see `stenvan.trainer.Trainer._restore`).
+# Allowed changes that need more than a new config to take effect (see `stenvan.training.trainer.Trainer._restore`).
 APPLIED = ("lr", "weight_decay")
 
 

@@ -1,7 +1,7 @@
 """Which checkpoint a run continues from: decided once, on rank 0, and loaded by every rank.
 
-Rank 0 alone touches the run folder: it claims it (`claim`, see stenvan.run_folder: the lock, stale temp files),
-then, for `--resume auto`, picks the newest checkpoint that verifies (damaged newer ones are set aside as `.bad`,
+Rank 0 alone touches the run folder: it claims it (`claim`, see stenvan.training.run_folder: the lock, stale temp
+files), then, for `--resume auto`, picks the newest checkpoint that verifies (damaged newer ones are set aside as `.bad`,
 unverified ones as `.unverified`, which two ranks doing at once would race on), then publishes its choice (path,
 step, sha256) or its error in the run's key-value store. Every other rank loads that file and checks that it
 holds the same bytes, and every rank reports back, so a rank that cannot read it (a run folder that is not on a
@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 from stenvan.checkpoint import (CheckpointError, newest_valid_checkpoint_and_digest, read_checkpoint_and_digest,
-                                unverified_line)
+                                read_named_checkpoint)
 from stenvan.errors import error_line
 from stenvan.lock import LockError
-from stenvan.run_folder import RunFolderError
+from stenvan.training.run_folder import RunFolderError
 
 KEY = "stenvan/resume"
 # What rank 0 may fail with before any rank starts; the others stop with its line.
@@ -40,9 +40,7 @@ def choose_checkpoint(resume: str, run_dir) -> tuple[Path, dict, str] | None:
     otherwise the file `resume` names (loaded with a warning if nothing verifies it). Call it in one process only
     (it renames damaged and unverified checkpoints)."""
     if resume != "auto":
-        state, digest, verified = read_checkpoint_and_digest(resume)
-        if not verified:
-            print(f"resume: warning: {unverified_line(resume)}", file=sys.stderr, flush=True)
+        state, digest = read_named_checkpoint(resume, prefix="resume: ")
         return Path(resume), state, digest
     found = newest_valid_checkpoint_and_digest(run_dir)
     if found is None:

@@ -12,7 +12,8 @@ code from frames to feature:
 - normalised with the ImageNet mean/std;
 - clips chosen as in eval (stenvan.data.sampling.eval_clips): `paper` = one clip of T frames, the first of each
   of T chunks; `dense` = every frame, in chunks of T;
-- the model's post-BN feature (2048) per clip, averaged per tracklet by stenvan.evaluate.features_per_tracklet.
+- the model's post-BN feature (2048) per clip, averaged per tracklet by
+  stenvan.evaluation.evaluate.features_per_tracklet.
 eval.py's default DALI loader decodes and resizes with its own kernels (within about one grey level of these).
 """
 
@@ -154,7 +155,7 @@ class Embedder:
                  clip_len: int | None = None, height: int | None = None, width: int | None = None):
         from stenvan.amp import resolve_precision
         from stenvan.distributed import describe
-        from stenvan.evaluate import load_model_for_eval
+        from stenvan.evaluation.evaluate import load_model_for_eval
 
         if mode not in ("paper", "dense"):
             raise ValueError(f"mode={mode!r} is not valid; use 'paper' or 'dense'")
@@ -181,7 +182,7 @@ class Embedder:
         """Features of several tracklets (each an array or a list of paths), batched across tracklets."""
         from tqdm import tqdm
 
-        from stenvan.evaluate import features_per_tracklet
+        from stenvan.evaluation.evaluate import features_per_tracklet
 
         sources = [_as_frames(t) for t in tracklets]
         num_frames = np.array([len(s) for s in sources], dtype=np.int64)
@@ -215,22 +216,21 @@ class Embedder:
 
     def embed_split(self, shard_dir: str | os.PathLike, split: str, loader: str = "dali",
                     progress: bool = True) -> Embedded:
-        """A split of prepared shards through eval.py's own extraction (stenvan.evaluate.extract_split)."""
-        from stenvan.evaluate import _thumbnails, extract_split
-        from stenvan.shards import SPLITS, load_manifest
+        """A split of prepared shards through eval.py's own extraction (stenvan.evaluation.evaluate.extract_split)."""
+        from stenvan.data import TrackletTable
+        from stenvan.evaluation.evaluate import extract_split, thumbnails
+        from stenvan.shards import SPLITS
 
         if split not in SPLITS:
             raise InputError(f"split={split!r} is not valid; use one of {', '.join(SPLITS)}")
-        entries = load_manifest(shard_dir)["splits"][split]["tracklets"]
+        table = TrackletTable.from_dir(shard_dir, split)
         features, _ = extract_split(self.model, str(shard_dir), split, mode=self.mode, clip_len=self.clip_len,
                                     height=self.height, width=self.width, device=self.device,
                                     precision=self.precision, loader=loader, workers=self.workers,
-                                    batch_size=self.batch_size, progress=progress)
-        thumbs = _thumbnails(str(shard_dir), [(split, i) for i in range(len(entries))])
-        return Embedded([e["key"] for e in entries], features,
-                        np.array([e["num_frames"] for e in entries], dtype=np.int64),
-                        np.array([e["pid"] for e in entries], dtype=np.int64),
-                        np.array([e["camid"] for e in entries], dtype=np.int64), thumbnail=thumbs)
+                                    batch_size=self.batch_size, progress=progress, table=table)
+        thumbs = thumbnails({split: table}, [(split, i) for i in range(len(table))])
+        return Embedded(table.keys, features, table.num_frames.astype(np.int64), table.pids, table.camids,
+                        thumbnail=thumbs)
 
 
 def _thumbnail(first) -> np.ndarray:

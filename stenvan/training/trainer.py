@@ -1,13 +1,13 @@
 """The training run: components from the config, a loop that fits on a screen, and nothing ever lost.
 
 One code path for CPU, one GPU and N GPUs on M nodes (torchrun). Checkpoints hold the full state; they are
-snapshotted at a step boundary and written in the background (`stenvan.checkpoint_writer`) every
+snapshotted at a step boundary and written in the background (`stenvan.training.checkpoint_writer`) every
 `ckpt_minutes` minutes, every `ckpt_every` steps if asked, at the end of the run and on SIGTERM/SIGINT.
 A step never waits for the GPU: losses and non-finite counts stay on the device and reach the host (one sync)
 every `log_every` steps, where the ranks also agree on stopping. Rank 0 holds the run folder's lock for the
-whole run (`stenvan.run_folder`); a resume must keep what its checkpoint was trained with
-(`stenvan.resume_checks`); a shard changed under the run stops every rank at the same step boundary, with that
-step's checkpoint (`stenvan.failures`).
+whole run (`stenvan.training.run_folder`); a resume must keep what its checkpoint was trained with
+(`stenvan.training.resume_checks`); a shard changed under the run stops every rank at the same step boundary, with that
+step's checkpoint (`stenvan.training.failures`).
 """
 
 from __future__ import annotations
@@ -23,22 +23,22 @@ import torch
 from stenvan import distributed
 from stenvan.amp import AMP_DTYPES, resolve_precision
 from stenvan.amp import autocast as amp_autocast
-from stenvan.builders import build_model_from_config
-from stenvan.checkpoint import CheckpointError
-from stenvan.checkpoint_writer import CheckpointWriter
+from stenvan.models.from_config import build_model_from_config
+from stenvan.checkpoint import CheckpointError, step_path
+from stenvan.training.checkpoint_writer import CheckpointWriter
 from stenvan.config import ConfigError, TrainConfig
-from stenvan.failures import Failures
-from stenvan.losses import ReIDLoss
+from stenvan.training.failures import Failures
+from stenvan.training.losses import ReIDLoss
 from stenvan.models.sync_batchnorm import convert_sync_batchnorm
-from stenvan.optim import build_optimizer, step_unless
-from stenvan.resume import agree_on_checkpoint
-from stenvan.resume_checks import check_resumable, restore_training_state
-from stenvan.rng import rng_state, seed_everything, set_rng_state
-from stenvan.run_folder import claim_run_folder
-from stenvan.runlog import RunLog
-from stenvan.schedule import lr_factor
+from stenvan.training.optim import build_optimizer, step_unless
+from stenvan.training.resume import agree_on_checkpoint
+from stenvan.training.resume_checks import check_resumable, restore_training_state
+from stenvan.training.rng import rng_state, seed_everything, set_rng_state
+from stenvan.training.run_folder import claim_run_folder
+from stenvan.training.runlog import RunLog
+from stenvan.training.schedule import lr_factor
 from stenvan.shards import ShardFormatError, atomic_write, dataset_fingerprint, load_manifest
-from stenvan.step_meter import StepMeter
+from stenvan.training.step_meter import StepMeter
 
 
 class TrainingStopped(Exception):
@@ -106,7 +106,7 @@ class Trainer:
                                            self.world.size > 1 and not self.sync_bn and not cfg.freeze_bn)
         # Rank 0 claims the run folder (its lock, for the whole run) and picks the checkpoint, every rank loads
         # it; through torchrun's store, because this must happen before the loader forks and so before CUDA and
-        # the process group exist (see stenvan.resume).
+        # the process group exist (see stenvan.training.resume).
         self.store = distributed.rendezvous(self.world)
         checkpoint = agree_on_checkpoint(resume, self.run_dir, self.store, self.world.rank, self.world.size,
                                          claim=lambda: self._claim(fresh=resume is None), dataset=self.dataset,
@@ -116,7 +116,7 @@ class Trainer:
         self.progress = Progress(**checkpoint[1]["progress"]) if checkpoint else Progress()
         self.loader.prepare(self.progress.epoch, self.progress.step_in_epoch)  # DALI workers fork here
         distributed.join(self.world, self.store)  # now CUDA and the process group
-        # Every rank stops together when one fails: they agree on it at every step boundary (stenvan.failures).
+        # Every rank stops together when one fails: they agree on it at every step boundary (stenvan.training.failures).
         self.failures = Failures(self.world, self.store, distributed.host_group(self.world))
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once (the original too)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and for `eval.py --untrained`
@@ -177,7 +177,7 @@ class Trainer:
 
     def _claim(self, fresh: bool) -> None:
         """Rank 0, before the resume choice: lock the run folder for the whole run, clean what killed checkpoint
-        writes left there, refuse a fresh start over an earlier run's checkpoints (stenvan.run_folder)."""
+        writes left there, refuse a fresh start over an earlier run's checkpoints (stenvan.training.run_folder)."""
         self.lock = claim_run_folder(self.run_dir, fresh, log=lambda line: print(line, flush=True))
 
     def save(self, reason: str, wait: bool = False) -> None:
@@ -210,7 +210,7 @@ class Trainer:
 
     def _restore(self, path: Path, state: dict, changes: dict) -> None:
         """Optimizer, scheduler, scaler, meter and RNG states (the model was loaded before it moved); the allowed
-        config changes take effect and are printed (stenvan.resume_checks)."""
+        config changes take effect and are printed (stenvan.training.resume_checks)."""
         notes = restore_training_state(state, changes, self.optimizer, self.scheduler, self.scaler, self.cfg,
                                        self.precision)
         if "meter" in state:  # the loss sums of the log window the checkpoint was taken in
@@ -295,7 +295,7 @@ class Trainer:
 
     def _stop_if_any_rank_failed(self, error: BaseException | None = None) -> None:
         """At a point every rank reaches together: if any rank failed (`error`, or one kept since), every rank stops
-        with its line (stenvan.failures). A data error first saves the checkpoint of this step boundary (not at
+        with its line (stenvan.training.failures). A data error first saves the checkpoint of this step boundary (not at
         step 0: nothing to keep), so that the run continues here once the data is restored."""
         failed = self.failures.agree(error)
         if failed is None:
@@ -303,9 +303,9 @@ class Trainer:
         error, data_error = failed
         if data_error and self.progress.global_step > 0:
             self.save("data error", wait=True)
-            step = f"step-{self.progress.global_step:09d}.pt"
-            error = type(error)(f"{error}; stopped at step {self.progress.global_step}, saved as {self.run_dir / step}"
-                                ": continue with --resume auto once the data is restored")
+            saved = step_path(self.run_dir, self.progress.global_step)
+            error = type(error)(f"{error}; stopped at step {self.progress.global_step}, saved as {saved}: continue "
+                                "with --resume auto once the data is restored")
         raise error
 
     def _step(self, batch: dict, autocast) -> None:
@@ -391,11 +391,11 @@ class Trainer:
         self._exclude_from_window(time.perf_counter() - start)
 
     def _evaluate(self) -> None:
-        from stenvan.evaluate import evaluate_model
+        from stenvan.evaluation.evaluate import evaluate_model
 
         results = evaluate_model(self.model, self.cfg.data, mode=self.cfg.eval_mode, clip_len=self.cfg.clip_len,
                                  height=self.cfg.height, width=self.cfg.width, device=self.world.device,
-                                 precision=self.precision, loader=self.cfg.loader, workers=self.cfg.workers)
+                                 precision=self.precision, loader=self.cfg.loader, workers=self.cfg.workers).results
         scalars = {f"{proto}_{k}": v for proto, r in results.items() for k, v in r.items() if isinstance(v, float)}
         self.log.record("eval", self.progress.global_step, scalars,
                         f"eval epoch {self.progress.epoch}: standard rank-1 {results['standard']['rank1']:.3f} "
