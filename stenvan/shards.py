@@ -6,6 +6,7 @@ heavier than the standard library. The specification lives in `shards/FORMAT.md`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -138,21 +139,12 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, tmp_dir: str | os.P
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if e.filename is None:  # a failed write() names no file: name the one we were writing
+    except BaseException as e:
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name ours
             e.filename = str(path)
-        _unlink_quietly(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
