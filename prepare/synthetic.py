@@ -140,7 +140,7 @@ def _write_tree(partial: PartialFolder, plan: Plan, seed: int, workers: int, sho
                 bar.update(frames)
             return nbytes
         with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_init_worker,
-                                         initargs=(partial.fd, os.getpid())) as pool:
+                                         initargs=(os.getpid(),)) as pool:
             results = pool.imap_unordered(_render_unit, jobs)  # the workers start now ...
             write_info(partial.path, plan)  # ... while this process writes the name lists
             for frames, size in results:
@@ -168,10 +168,9 @@ def _units(plan: Plan) -> list[list[TrackPlan]]:
     return sorted(units, key=lambda u: -sum(t.length for t in u))
 
 
-def _init_worker(lock_fd: int, parent: int) -> None:
-    # Only the parent holds the output lock; a worker dies with its parent (PR_SET_PDEATHSIG = 1), so a
-    # killed run leaves no process writing into the folder the next run clears; Ctrl-C is the parent's job.
-    os.close(lock_fd)
+def _init_worker(parent: int) -> None:
+    # The output lock names the parent; a worker dies with its parent (PR_SET_PDEATHSIG = 1), so a killed run
+    # leaves no process writing into the folder the next run takes over and clears; Ctrl-C is the parent's job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)

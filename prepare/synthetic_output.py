@@ -1,23 +1,24 @@
 """Where a synthetic dataset is written: all or nothing, one writer at a time, reruns answered in one line.
 
 The tree is built in `PARENT/.NAME.synthetic-partial/` and renamed onto `--out` when complete, so `--out`
-never holds half a dataset. The partial folder holds `.lock`, flock()ed by the run writing it: the kernel
-drops the lock when that process dies however it dies (SIGKILL included), so a later run that can take
-the lock knows the folder is left over from a dead run, empties it and starts again. `synthetic.json` in a
-finished tree records the options, so rerunning the same command is a no-op and other options are refused.
+never holds half a dataset. The run writing the partial folder holds its `.lock` (stenvan.lock, the lock of
+prepare's and train.py's folders too): a second run stops with one line naming the holder, and the lock of a
+run that died however it died (SIGKILL included) is taken over, so the next run knows the folder is left over
+from a dead run, empties it and starts again. `synthetic.json` in a finished tree records the options, so
+rerunning the same command is a no-op and other options are refused.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from stenvan.lock import LOCK_NAME, FolderLock, LockError
+
 STAMP = "synthetic.json"
-LOCK = ".lock"
 
 
 def read_stamp(out: Path) -> dict | None:
@@ -54,26 +55,20 @@ class PartialFolder:
     def __init__(self, out: Path):
         self.out = out
         self.path = out.parent / f".{out.name}.synthetic-partial"
-        self.fd = -1
+        self.lock: FolderLock | None = None
 
     def __enter__(self) -> "PartialFolder":
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.lock = FolderLock(self.path, "prepare synthetic",
+                                   log=lambda line: print(f"synthetic: {line}", file=sys.stderr)).acquire()
         except OSError as e:
             raise OSError(f"{self.path}: cannot create the working folder next to {self.out} "
                           f"({e.strerror}); choose an --out in a writable folder") from e
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise FileExistsError(f"{self.out}: another synthetic run ({holder}) is writing it into {self.path}; "
-                                  "wait for it or stop it") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
-        leftovers = [e for e in os.listdir(self.path) if e != LOCK]
-        if leftovers:  # the lock was free: whoever wrote these is gone
+        except LockError as e:
+            raise FileExistsError(f"{self.out}: another synthetic run is writing it: {e}") from None
+        leftovers = [e for e in os.listdir(self.path) if e != LOCK_NAME]
+        if leftovers:  # we hold the lock: whoever wrote these is gone
             print(f"synthetic: {self.path} holds the partial output of an interrupted run; removing it and "
                   "starting again", file=sys.stderr)
             self.clear()
@@ -81,7 +76,7 @@ class PartialFolder:
 
     def clear(self) -> None:
         for entry in os.listdir(self.path):
-            if entry != LOCK:
+            if entry != LOCK_NAME:
                 p = self.path / entry
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
@@ -95,19 +90,15 @@ class PartialFolder:
         except OSError as e:
             raise OSError(f"{self.out}: cannot move the finished dataset there from {self.path} ({e.strerror})"
                           ) from e
-        os.unlink(self.out / LOCK)  # we still hold it: no other run can have opened it in the meantime
+        # Our lock moved with the folder; no other run can have taken it in the meantime (we still hold it).
+        os.unlink(self.out / LOCK_NAME)
+        self.lock = None
 
     def discard(self) -> None:
         if self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
 
     def __exit__(self, *exc) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # releases the lock
-            self.fd = -1
-
-    def close_in_child(self) -> None:
-        """Forked workers inherit the lock's descriptor: close it so only this process holds the lock."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.lock is not None:
+            self.lock.release()  # a no-op once discard() removed the folder
+            self.lock = None

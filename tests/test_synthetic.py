@@ -113,7 +113,6 @@ def test_refuses_non_empty_output(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 import dataclasses
-import fcntl
 import json
 import signal
 import subprocess
@@ -124,6 +123,7 @@ from pathlib import Path
 from prepare.cli import main as prepare_main
 from prepare.synthetic import make_plan
 from prepare.synthetic_sizes import MARS_REAL, REAL, SplitSizes, scaled
+from tests.test_lock import holder
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MARS = SplitSizes(train_ids=4, train_tracklets=10, train_frames=300, test_ids=4, test_tracklets=16,
@@ -291,17 +291,18 @@ def test_leftovers_of_a_dead_run_are_cleared_and_a_live_run_is_refused(tmp_path,
     partial = tmp_path / ".MARS.synthetic-partial"
     (partial / "bbox_train" / "0999").mkdir(parents=True)
     (partial / "bbox_train" / "0999" / "0999C1T0001F001.jpg").write_bytes(b"from a killed run")
-    (partial / ".lock").write_text("pid 1 on elsewhere\n")  # nobody holds the lock: its writer is gone
-    fd = os.open(partial / ".lock", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # now somebody does
+    live = holder(partial)  # a live process holds the partial folder's lock
     try:
-        with pytest.raises(FileExistsError, match="another synthetic run"):
+        with pytest.raises(FileExistsError, match=rf"another synthetic run is writing it: .*pid {live.pid} on"):
             generate("mars", out, num_ids=8, seed=1, min_len=2, max_len=30)
     finally:
-        os.close(fd)
+        live.stdin.close()  # it exits without releasing: its lock stays behind, stale, as after a SIGKILL
+        live.wait()
     assert (partial / "bbox_train" / "0999").exists() and not out.exists()  # a live run's files stay untouched
     generate("mars", out, num_ids=8, seed=1, min_len=2, max_len=30)
-    assert "partial output of an interrupted run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"took over the stale lock of holder (pid {live.pid}" in err
+    assert "partial output of an interrupted run" in err
     assert tree_digest(out) == tree_digest(mars_tree) and not partial.exists()
 
 
@@ -341,8 +342,6 @@ def test_killed_run_leaves_no_dataset_and_its_workers_die(tmp_path, mars_tree):
     time.sleep(1.0)
     assert count() == written  # the workers died with their parent
     assert not out.exists()  # never half a dataset under the final name
-    fd = os.open(partial / ".lock", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: nobody holds it any more
-    os.close(fd)
+    assert json.loads((partial / ".lock").read_text())["pid"] == proc.pid  # the killed run's lock, now stale
     generate("mars", out, num_ids=8, seed=1, min_len=2, max_len=30)
     assert tree_digest(out) == tree_digest(mars_tree)  # nothing of the killed 40-id run mixed in
