@@ -9,13 +9,12 @@ data-wait and checkpoint-wait shares of that window) and eval.py's metrics.json 
 from __future__ import annotations
 
 import json
-import signal
 import statistics
-import subprocess
 import time
+from pathlib import Path
 
 from benchmarks.common import append_results, versions
-from benchmarks.gpu_check_run import REPO, Context, Outcome, data_paths, failed, py, run_process, stop_group, workers
+from benchmarks.gpu_check_run import Context, Outcome, data_paths, failed, py, run_process, workers
 
 MARS_TEST_FRAMES = 681_089  # every frame of the real MARS test split (dense evaluation)
 SAVE_MARGIN_S = 30  # after SIGTERM: the step in flight, the checkpoint (~400 MB) written and read back, exit
@@ -32,6 +31,35 @@ def train_records(path) -> list[dict]:
             if r.get("kind") == "train"]
 
 
+class TrainingClock:
+    """When to stop the MARS-scale run: `train_s` after its first log record (training has started: start-up
+    does not count), and at the latest SAVE_MARGIN_S before the stage's time is up, so that the trainer has the
+    time to finish its step and checkpoint."""
+
+    def __init__(self, metrics: Path, start: float, timeout: float, train_s: float):
+        self.metrics, self.train_s = metrics, train_s
+        self.stop_at = start + timeout - SAVE_MARGIN_S
+        self.first: float | None = None  # when the first log record appeared
+        self.fired_at: float | None = None  # when it said stop (SIGTERM)
+
+    @property
+    def fired(self) -> bool:
+        return self.fired_at is not None
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self.first is None and train_records(self.metrics):
+            self.first = now
+            self.stop_at = min(self.stop_at, now + self.train_s)
+        if now >= self.stop_at:
+            self.fired_at = now
+        return self.fired
+
+    def trained_s(self) -> float | None:
+        """Seconds from the first log record to SIGTERM (or to now, if the run ended by itself)."""
+        return (self.fired_at or time.monotonic()) - self.first if self.first is not None else None
+
+
 def mars_train(ctx: Context, timeout: float) -> Outcome:
     data, shards = data_paths(ctx)
     run_dir = ctx.work / "mars_run"
@@ -40,37 +68,13 @@ def mars_train(ctx: Context, timeout: float) -> Outcome:
     # GPU: the preset as it is (bf16, DALI mixed, P=8 x K=4, 8-frame 256x128 clips), a checkpoint every 15 s so
     # that the checkpoint-wait share is measured while training.
     argv += ["--workers", workers(ctx), "--ckpt_minutes", "0.25"] if ctx.gpu else SMOKE_TRAIN
-    log_path = ctx.log("mars_train")
-    start = time.monotonic()
-    # Training time: --train-minutes from the first log record, or less: SIGTERM comes at the latest SAVE_MARGIN_S
-    # before the stage's time is up.
+    # Training time: --train-minutes from the first log record, or less (see TrainingClock).
     train_s = 60 * ctx.train_minutes
-    with open(log_path, "a") as log:
-        log.write("$ " + " ".join(map(str, argv)) + f"   (SIGTERM after {train_s:.0f} s of training)\n")
-        log.flush()
-        proc = subprocess.Popen(list(map(str, argv)), cwd=REPO, env=ctx.env(), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        ctx.procs.add(proc)
-        # Training starts at the first log record; the clock for train_s runs from there.
-        stop_at = start + timeout - SAVE_MARGIN_S
-        first = None
-        while proc.poll() is None and time.monotonic() < stop_at:
-            if first is None and train_records(run_dir / "metrics.jsonl"):
-                first = time.monotonic()
-                stop_at = min(stop_at, first + train_s)
-            time.sleep(0.5)
-        signalled, trained_s = proc.poll() is None, (time.monotonic() - first) if first else None
-        if signalled:
-            proc.send_signal(signal.SIGTERM)  # our child; the trainer stops after its step and checkpoints
-        try:
-            code = proc.wait(timeout=max(SAVE_MARGIN_S, start + timeout - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            stop_group(proc)
-            code = None
-        ctx.procs.discard(proc)
-        log.write(f"[exit {code} after {time.monotonic() - start:.1f} s]\n")
-    wall_s = time.monotonic() - start
-    text = log_path.read_text(errors="replace")
+    clock = TrainingClock(run_dir / "metrics.jsonl", time.monotonic(), timeout, train_s)
+    code, wall_s = run_process(ctx, "mars_train", argv, timeout, stop_when=clock,
+                               note=f"SIGTERM after {train_s:.0f} s of training")
+    signalled, trained_s = clock.fired, clock.trained_s()
+    text = ctx.log("mars_train").read_text(errors="replace")
     records = train_records(run_dir / "metrics.jsonl")
     if code != 0:
         return failed(code, ctx, "mars_train")

@@ -66,20 +66,29 @@ class Context:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def run_process(ctx: Context, stage: str, argv: list[str], timeout_s: float,
-                env: dict | None = None) -> tuple[int | None, float]:
+def run_process(ctx: Context, stage: str, argv: list, timeout_s: float, env: dict | None = None,
+                stop_when=None, note: str = "") -> tuple[int | None, float]:
     """Run argv in its own process group with output appended to the stage's log (`env`: extra variables);
-    (exit code or None if it was stopped at `timeout_s`, seconds)."""
+    (exit code or None if it was stopped at `timeout_s`, seconds). `stop_when()`, if given, is asked every 0.5 s
+    while the process runs: once it says True, the process gets SIGTERM (e.g. a training run, which then
+    checkpoints and exits 0) and the rest of `timeout_s` to exit. `note` goes into the log after the command."""
+    argv = list(map(str, argv))
     log_path = ctx.log(stage)
     start = time.monotonic()
+    deadline = start + max(timeout_s, 1)
     with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(argv)}   (timeout {timeout_s:.0f} s)\n")
+        log.write(f"$ {' '.join(argv)}   ({note or f'timeout {timeout_s:.0f} s'})\n")
         log.flush()
         proc = subprocess.Popen(argv, cwd=REPO, env={**ctx.env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         ctx.procs.add(proc)
         try:
-            code = proc.wait(timeout=max(timeout_s, 1))
+            while stop_when is not None and proc.poll() is None and time.monotonic() < deadline:
+                if stop_when():
+                    proc.send_signal(signal.SIGTERM)  # our child; it stops cleanly, then we wait for it below
+                    break
+                time.sleep(0.5)
+            code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
             stop_group(proc)
             code = None
