@@ -1,4 +1,4 @@
-"""Dense evaluation weighs every real frame of a tracklet the same (README, Evaluation): for a model whose clip
+"""Dense evaluation weighs every real frame of a tracklet the same (docs/evaluation.md): for a model whose clip
 feature is the mean of per-frame features, a tracklet's dense feature is the mean over its frames."""
 
 from __future__ import annotations

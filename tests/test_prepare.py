@@ -187,6 +187,22 @@ def test_webdataset_streams_the_shards(mars_tree, tmp_path):
     assert decoded["00000.jpg"].shape == (256, 128, 3) and decoded["json"]["key"] == entries[0]["key"]
 
 
+def test_tracklet_table_reads_the_original_frames(mars_tree, tmp_path):
+    """stenvan's shard reader (docs/preparing.md): each tracklet's labels from the manifest and its frames, the
+    original bytes in temporal order, read by offset from the shards."""
+    from stenvan import TrackletTable
+
+    m = shard_mars(mars_tree, tmp_path / "s", "--shard-size", "300KB")
+    for split in ("train", "query", "gallery"):
+        table = TrackletTable.from_dir(tmp_path / "s", split)
+        entries = m["splits"][split]["tracklets"]
+        assert [(t.key, t.pid, t.camid, t.num_frames) for t in table.tracklets] == \
+            [(e["key"], e["pid"], e["camid"], e["num_frames"]) for e in entries]
+        for i in (0, len(table) - 1):
+            meta = table.metadata(i)
+            assert table.read_frames(i) == [(mars_tree / meta["source"] / name).read_bytes() for name in meta["frames"]]
+
+
 def test_inspect_reports_splits(mars_tree, tmp_path, capsys):
     m = shard_mars(mars_tree, tmp_path / "s")
     capsys.readouterr()

@@ -20,7 +20,7 @@ Conventions are those of the authors' Python reference (zhunzhong07/person-re-ra
 Where this differs from the reference is only how, never what: neighbour lists come from a partial sort (top
 max(k1+1, k2) per row instead of N log N full sorts), V is a sparse matrix (rows hold a few dozen entries, the
 reference keeps two dense N×N float32 copies), and the Jaccard sums run over V's sparse columns. Memory is one
-dense N×N float32 matrix (d) plus O(N·k1) — measured figures are in the README.
+dense N×N float32 matrix (d) plus O(N·k1) — measured figures are in docs/evaluation.md (Re-ranking).
 """
 
 from __future__ import annotations
