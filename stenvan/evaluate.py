@@ -1,9 +1,11 @@
-"""Evaluate a model on a prepared dataset: features per tracklet, the three protocols, and the outputs.
+"""Evaluate a model on a prepared dataset: features per tracklet, the dataset's protocols, and the outputs.
 
 Features carry their labels: every feature row is built from the eval loader's (key, pid, camid) for that
 tracklet, and the protocols select queries and galleries from those labels, never from row positions.
-MARS: one record per test tracklet (the gallery split), queries marked by `query_IDX`. DukeV: the query
-split (not in the gallery) plus the gallery split, which holds its own copy of every query tracklet.
+MARS, LS-VID: one record per test tracklet (the gallery split), queries marked. DukeV: the query split (not in
+the gallery) plus the gallery split, which holds its own copy of every query tracklet. iLIDS-VID, PRID-2011: the
+query (camera 1) and gallery (camera 2) tracklets of one person split's test persons. LS-VID's val set: every
+val tracklet, each a query (stenvan.person_splits.eval_sets).
 """
 
 from __future__ import annotations
@@ -21,16 +23,12 @@ import torch
 
 from stenvan.amp import AMP_DTYPES
 from stenvan.amp import autocast as amp_autocast
-from stenvan.evaluation import Tracklets, evaluate_all, plot_cmc, plot_ranked_list, query_distances, top_k_matches
+from stenvan.evaluation import (Tracklets, evaluate_all, plot_cmc, plot_ranked_list, protocols_for, query_distances,
+                                top_k_matches)
+from stenvan.evaluation.leakage import ORIGINAL_RELEASE
 from stenvan.evaluation.protocols import scalar_metrics
+from stenvan.person_splits import Split, entries, eval_sets
 from stenvan.shards import atomic_write, load_manifest
-
-def eval_splits(manifest: dict) -> list[tuple[str, bool | None, bool]]:
-    """(split, is_query, in_gallery) for the splits whose tracklets become records; is_query None: per tracklet,
-    from its "query" flag."""
-    if manifest["dataset"] == "mars":
-        return [("gallery", None, True)]  # queries are gallery tracklets marked "query"
-    return [("query", True, False), ("gallery", False, True)]
 
 
 @contextlib.contextmanager
@@ -49,32 +47,33 @@ def channels_last(model: torch.nn.Module):
 @torch.no_grad()
 def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: str, clip_len: int, height: int,
                   width: int, device: torch.device, precision: str, loader: str = "dali", workers: int = 2,
-                  batch_size: int = 32, progress: bool = True) -> tuple[np.ndarray, dict]:
-    """Post-BN features (num_tracklets, 2048) of a split in manifest order. Dense: the mean of a tracklet's clip
-    features weighted by the distinct frames each clip holds, so that every frame weighs the same."""
+                  batch_size: int = 32, progress: bool = True, person_split: Split = None) -> tuple[np.ndarray, dict]:
+    """Post-BN features (num_tracklets, 2048) of a split (of person split `person_split`) in manifest order. Dense:
+    the mean of a tracklet's clip features weighted by the distinct frames each clip holds, so that every frame
+    weighs the same."""
     from tqdm import tqdm
 
     from stenvan.data import build_eval_loader
 
     manifest = load_manifest(shard_dir)
-    entries = manifest["splits"][split]["tracklets"]
+    rows = entries(manifest, split, person_split)
     batches = build_eval_loader(shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
                                 batch_size=batch_size, backend=loader, device=device, dtype=AMP_DTYPES[precision],
-                                workers=workers)
+                                workers=workers, person_split=person_split if isinstance(person_split, int) else None)
 
     def checked(stream):
         for batch in stream:
             for i, key, pid in zip(batch["tracklet"].tolist(), batch["keys"], batch["pids"].tolist()):
-                if entries[i]["key"] != key or entries[i]["pid"] != pid:  # never misattribute a feature
-                    raise RuntimeError(f"eval loader gave {key} (pid {pid}) for tracklet {i} = {entries[i]['key']}")
+                if rows[i]["key"] != key or rows[i]["pid"] != pid:  # never misattribute a feature
+                    raise RuntimeError(f"eval loader gave {key} (pid {pid}) for tracklet {i} = {rows[i]['key']}")
             yield batch
 
-    with batches, tqdm(total=len(entries), desc=f"features {split}", unit="tracklet",
+    with batches, tqdm(total=len(rows), desc=f"features {split}", unit="tracklet",
                        disable=None if progress else True) as bar:
-        features, stats = features_per_tracklet(model, checked(batches), len(entries), device=device,
+        features, stats = features_per_tracklet(model, checked(batches), len(rows), device=device,
                                                 precision=precision, bar=bar)
     if stats["missing"]:
-        missing = [entries[i]["key"] for i in stats["missing"][:5]]
+        missing = [rows[i]["key"] for i in stats["missing"][:5]]
         raise RuntimeError(f"eval loader skipped tracklets of {split}, e.g. {missing}")
     return features, {k: stats[k] for k in ("frames", "seconds", "frames_per_s")}
 
@@ -116,11 +115,12 @@ def features_per_tracklet(model: torch.nn.Module, batches, num_tracklets: int, *
     return (sums / weights.clamp_min(1)[:, None]).cpu().numpy(), stats
 
 
-def build_records(manifest: dict) -> tuple[Tracklets, list[tuple[str, int]]]:
-    """Records of every evaluated tracklet of a loaded manifest and, for each, its (split, index in that split)."""
+def build_records(manifest: dict, person_split: Split = None) -> tuple[Tracklets, list[tuple[str, int]]]:
+    """Records of every evaluated tracklet of a loaded manifest (of a person split, or LS-VID's "val") and, for each,
+    its (split, index in that split's entries)."""
     keys, pids, camids, is_query, in_gallery, origin = [], [], [], [], [], []
-    for split, query_flag, gallery_flag in eval_splits(manifest):
-        for i, e in enumerate(manifest["splits"][split]["tracklets"]):
+    for split, query_flag, gallery_flag in eval_sets(manifest, person_split):
+        for i, e in enumerate(entries(manifest, split, person_split)):
             keys.append(f"{split}/{e['key']}")
             pids.append(e["pid"])
             camids.append(e["camid"])
@@ -133,20 +133,23 @@ def build_records(manifest: dict) -> tuple[Tracklets, list[tuple[str, int]]]:
 
 def evaluate_model(model, shard_dir: str, *, mode: str, clip_len: int, height: int, width: int, device,
                    precision: str, loader: str = "dali", workers: int = 2, batch_size: int = 32,
-                   metric: str = "cosine", return_features: bool = False, progress: bool = True):
-    """Features for every record, then {"official", "standard", "torchreid"} results."""
+                   metric: str = "cosine", return_features: bool = False, progress: bool = True,
+                   split: Split = None):
+    """Features for every record, then the dataset's protocols' results (stenvan.evaluation.protocols_for): MARS,
+    DukeV {"official", "standard", "torchreid"}; iLIDS-VID, PRID-2011 {"cross_camera"} of person split `split`;
+    LS-VID {"sinet", "bicnet"}, or {"bicnet"} on its val set (split "val")."""
     manifest = load_manifest(shard_dir)
     parts, stats = [], {"frames": 0, "seconds": 0.0}
-    for split, _, _ in eval_splits(manifest):
-        feats, s = extract_split(model, shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
+    for name, _, _ in eval_sets(manifest, split):
+        feats, s = extract_split(model, shard_dir, name, mode=mode, clip_len=clip_len, height=height, width=width,
                                  device=device, precision=precision, loader=loader, workers=workers,
-                                 batch_size=batch_size, progress=progress)
+                                 batch_size=batch_size, progress=progress, person_split=split)
         parts.append(feats)
         stats["frames"] += s["frames"]
         stats["seconds"] += s["seconds"]
     features = np.concatenate(parts)
-    records, origin = build_records(manifest)
-    results = evaluate_all(features, records, metric=metric)
+    records, origin = build_records(manifest, split)
+    results = evaluate_all(features, records, metric=metric, names=protocols_for(manifest["dataset"], split))
     stats["frames_per_s"] = stats["frames"] / max(stats["seconds"], 1e-9)
     if return_features:
         return results, features, records, origin, stats
@@ -175,7 +178,8 @@ OUTPUTS = ("metrics.json", "features.npz", "cmc.png", "ranked_list.png")
 
 
 def write_outputs(out_dir: str | os.PathLike, results: dict, features: np.ndarray, records: Tracklets,
-                  origin: list[tuple[str, int]], shard_dir: str, metric: str, extra: dict, num_queries_shown: int = 6):
+                  origin: list[tuple[str, int]], shard_dir: str, metric: str, extra: dict, num_queries_shown: int = 6,
+                  person_split: Split = None):
     """metrics.json, features.npz, cmc.png and ranked_list.png in `out_dir`, written together: all of them into a
     staging folder inside `out_dir` first, then each renamed into place (renames need no space), so a failure
     (a full disk) leaves `out_dir` as it was, never a new metrics.json beside an older run's features."""
@@ -194,8 +198,9 @@ def write_outputs(out_dir: str | os.PathLike, results: dict, features: np.ndarra
         pick = np.linspace(0, len(records.query_indices) - 1, num=min(num_queries_shown, len(records.query_indices)))
         rows = sorted(set(pick.astype(int).tolist()))
         shown = _subset_queries(records, rows)  # only the shown queries: their distances alone are computed
-        order, statuses = top_k_matches(query_distances(features, shown, metric), shown, "official", k=10)
-        thumbs = _thumbnails(shard_dir, origin)
+        drawn = next(iter(results)).removesuffix("_rerank")  # the dataset's first protocol (MARS: official)
+        order, statuses = top_k_matches(query_distances(features, shown, metric), shown, drawn, k=10)
+        thumbs = _thumbnails(shard_dir, origin, person_split)
         query_thumbs = [thumbs(records.query_indices[r]) for r in rows]
         ranked = [[thumbs(j) for j in order[i]] for i in range(len(rows))]
         titles = [str(records.keys[records.query_indices[r]]) for r in rows]
@@ -218,7 +223,7 @@ def _subset_queries(records: Tracklets, rows: list[int]) -> Tracklets:
     return Tracklets(records.keys, records.pids, records.camids, records.is_query & keep, records.in_gallery)
 
 
-def _thumbnails(shard_dir: str, origin: list[tuple[str, int]]):
+def _thumbnails(shard_dir: str, origin: list[tuple[str, int]], person_split: Split = None):
     """record index -> the tracklet's first frame as a 64x32 RGB thumbnail (read from its shard by offset)."""
     from PIL import Image
 
@@ -229,7 +234,7 @@ def _thumbnails(shard_dir: str, origin: list[tuple[str, int]]):
     def thumb(record: int) -> np.ndarray:
         split, i = origin[record]
         if split not in tables:
-            table = TrackletTable.from_dir(shard_dir, split)
+            table = TrackletTable.from_dir(shard_dir, split, person_split if isinstance(person_split, int) else None)
             tables[split] = (table, table.store())
         table, store = tables[split]
         data = store.read(*table.frame_locations(i, [0])[0]).tobytes()
@@ -262,7 +267,8 @@ def load_model_for_eval(checkpoint: str, original_arch: str | None, untrained: b
             model = load_original_checkpoint(state, original_arch)
         except (ValueError, RuntimeError) as e:
             raise CheckpointError(f"{checkpoint}: not an original {original_arch} checkpoint: {e}") from None
-        return model, {"arch": original_arch, "clip_len": 8, "height": 256, "width": 128, "source": "original"}
+        return model, {"arch": original_arch, "clip_len": 8, "height": 256, "width": 128, "source": "original",
+                       "trained_on": ORIGINAL_RELEASE}
     state = read_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
     torch.manual_seed(cfg.seed)  # the trainer's initial weights (what "untrained" means)
@@ -276,4 +282,5 @@ def load_model_for_eval(checkpoint: str, original_arch: str | None, untrained: b
             raise CheckpointError(f"{checkpoint}: does not fit a {cfg.arch} model with {state['num_classes']} classes "
                                   f"({str(e).splitlines()[0]}); it was written for another model") from None
     return model, {"arch": cfg.arch, "clip_len": cfg.clip_len, "height": cfg.height, "width": cfg.width,
-                   "source": "untrained" if untrained else "stenvan", "config": cfg}
+                   "source": "untrained" if untrained else "stenvan", "config": cfg,
+                   "trained_on": None if untrained else state.get("train_data")}

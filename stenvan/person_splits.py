@@ -89,8 +89,8 @@ def eval_sets(manifest: dict, split: Split = None) -> list[tuple[str, bool | Non
     MARS, LS-VID: every test tracklet is a gallery record, queries marked. DukeV, iLIDS-VID, PRID-2011: the
     query split (not in the gallery) and the gallery split. LS-VID val: every val tracklet queries all of them.
     """
-    if split == VAL:
-        return [(VAL, True, True)]
+    if split == VAL:  # every val tracklet with an identity is a query (junk only sits in the gallery)
+        return [(VAL, None, True)]
     if manifest["dataset"] in ("mars", "lsvid"):
         return [("gallery", None, True)]
     return [("query", True, False), ("gallery", False, True)]
