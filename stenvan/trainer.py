@@ -114,7 +114,8 @@ class Trainer:
         # Rank 0 claims the run folder (its lock, for the whole run) and picks the checkpoint, every rank loads
         # it; through torchrun's store, because this must happen before the loader forks and so before CUDA and
         # the process group exist (see stenvan.resume).
-        self.store = distributed.rendezvous(self.world)
+        # One store namespace per person split: the 10-split runner trains them one after another in these processes.
+        self.store = distributed.rendezvous(self.world, prefix="" if self.split is None else f"split{self.split}")
         checkpoint = agree_on_checkpoint(resume, self.run_dir, self.store, self.world.rank, self.world.size,
                                          claim=lambda: self._claim(fresh=resume is None), dataset=self.dataset,
                                          data=cfg.data)
