@@ -18,7 +18,7 @@ import os
 import re
 
 from prepare.splitfiles import ls_set_splits, read_ls_set
-from prepare.tracklet import PrepareError, Tracklet, list_files, list_folders, stat_frames
+from prepare.tracklet import PrepareError, Tracklet, numbered_frames, person_folders, stat_frames
 
 PERSON = re.compile(r"^person(\d{3})$")
 CAMERAS = (1, 2)
@@ -26,32 +26,9 @@ SPLIT_FILE = os.path.join("train-test people splits", "train_test_splits_ilidsvi
 
 
 def _persons(cam_dir: str) -> list[str]:
-    if not os.path.isdir(cam_dir):
-        raise PrepareError(f"{cam_dir}: camera folder not found; --data-dir must hold i-LIDS-VID/sequences/cam1 and "
-                           "cam2 (the extracted iLIDS-VID archive, or torchreid's ilids-vid/ folder)")
-    names = list_folders(cam_dir)
-    for name in names:
-        if not PERSON.match(name):
-            raise PrepareError(f"{os.path.join(cam_dir, name)}: not an iLIDS-VID person folder (personNNN); move it "
-                               "out of the dataset")
-    return names
-
-
-def _sequence(folder: str, cam: int, person: str) -> tuple[list[str] | None, str | None]:
-    """The frame paths of one sequence in frame-number order, or a problem line."""
-    frame_name = re.compile(rf"^cam{cam}_{person}_(\d+)\.png$")
-    files = list_files(folder, (".png",))
-    if not files:
-        return None, f"{folder}: holds no PNG frames; restore the sequence (every person has one per camera)"
-    parsed = [frame_name.match(f) for f in files]
-    if not all(parsed):
-        bad = files[[m is None for m in parsed].index(True)]
-        return None, (f"{os.path.join(folder, bad)}: not a frame of this sequence (expected "
-                      f"cam{cam}_{person}_FFFFF.png); move it out of the dataset")
-    numbers = [int(m.group(1)) for m in parsed]
-    if len(set(numbers)) != len(numbers):
-        return None, f"{folder}: two frames carry the same frame number; restore the sequence"
-    return [os.path.join(folder, f) for _, f in sorted(zip(numbers, files))], None
+    return person_folders(cam_dir, PERSON, "camera folder not found; --data-dir must hold i-LIDS-VID/sequences/cam1 and "
+                          "cam2 (the extracted iLIDS-VID archive, or torchreid's ilids-vid/ folder)",
+                          "iLIDS-VID person (personNNN)")
 
 
 def scan_ilidsvid(data_dir: str, skip_bad: bool = False) -> tuple[list[Tracklet], list[dict], dict, list[str]]:
@@ -79,7 +56,8 @@ def scan_ilidsvid(data_dir: str, skip_bad: bool = False) -> tuple[list[Tracklet]
     for person in names:
         for cam in CAMERAS:
             folder = os.path.join(sequences, f"cam{cam}", person)
-            paths, problem = _sequence(folder, cam, person)
+            paths, problem = numbered_frames(folder, re.compile(rf"^cam{cam}_{person}_(\d+)\.png$"),
+                                             f"expected cam{cam}_{person}_FFFFF.png")
             stats = stat_frames(paths) if problem is None else problem
             if isinstance(stats, str):
                 if not skip_bad:

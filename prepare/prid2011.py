@@ -19,7 +19,7 @@ import os
 import re
 
 from prepare.splitfiles import read_split_json, seeded_splits
-from prepare.tracklet import PrepareError, Tracklet, list_files, list_folders, stat_frames
+from prepare.tracklet import PrepareError, Tracklet, numbered_frames, person_folders, stat_frames
 
 PERSON = re.compile(r"^person_(\d{4})$")
 FRAME = re.compile(r"^(\d+)\.png$")
@@ -30,29 +30,8 @@ SPLITS_NAME = "splits_prid2011.json"
 
 
 def _folders(cam_dir: str) -> list[str]:
-    if not os.path.isdir(cam_dir):
-        raise PrepareError(f"{cam_dir}: camera folder not found; --data-dir must hold prid_2011/multi_shot/cam_a and "
-                           "cam_b (torchreid's prid2011/ folder)")
-    names = list_folders(cam_dir)
-    for name in names:
-        if not PERSON.match(name):
-            raise PrepareError(f"{os.path.join(cam_dir, name)}: not a PRID-2011 person folder (person_NNNN); move it "
-                               "out of the dataset")
-    return names
-
-
-def _frames(folder: str) -> tuple[list[str] | None, str | None]:
-    files = list_files(folder, (".png",))
-    if not files:
-        return None, f"{folder}: holds no PNG frames; restore the sequence"
-    parsed = [FRAME.match(f) for f in files]
-    if not all(parsed):
-        bad = files[[m is None for m in parsed].index(True)]
-        return None, f"{os.path.join(folder, bad)}: not a PRID-2011 frame (NNNN.png); move it out of the dataset"
-    order = sorted((int(m.group(1)), f) for m, f in zip(parsed, files))
-    if len({n for n, _ in order}) != len(order):
-        return None, f"{folder}: two frames carry the same frame number; restore the sequence"
-    return [os.path.join(folder, f) for _, f in order], None
+    return person_folders(cam_dir, PERSON, "camera folder not found; --data-dir must hold prid_2011/multi_shot/cam_a "
+                          "and cam_b (torchreid's prid2011/ folder)", "PRID-2011 person (person_NNNN)")
 
 
 def scan_prid2011(data_dir: str, splits_file: str | None = None,
@@ -65,7 +44,8 @@ def scan_prid2011(data_dir: str, splits_file: str | None = None,
     cams = {cam: os.path.join(shots, name) for cam, name in CAMERAS.items()}
     folders = {cam: _folders(path) for cam, path in cams.items()}
     both = sorted(p for p in set(folders[1]) & set(folders[2]) if int(p[-4:]) <= BOTH_VIEWS)
-    sequences = {(p, cam): _frames(os.path.join(cams[cam], p)) for p in both for cam in CAMERAS}
+    sequences = {(p, cam): numbered_frames(os.path.join(cams[cam], p), FRAME, "expected NNNN.png")
+                 for p in both for cam in CAMERAS}
     broken = next((problem for _, problem in sequences.values() if problem), None)
     if broken and not skip_bad:  # an empty or foreign folder is bad input whichever persons the splits take
         raise PrepareError(broken + "; fix the data or pass --skip-bad to leave this sequence out")

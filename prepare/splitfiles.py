@@ -112,7 +112,8 @@ def seeded_splits(persons: list[str], seed: int = 0) -> list[dict]:
     out = []
     for _ in range(NUM_PERSON_SPLITS):
         order = rng.permutation(len(persons))
-        out.append({"train": sorted(persons[i] for i in order[half:]), "test": sorted(persons[i] for i in order[:half])})
+        out.append({"train": sorted(persons[i] for i in order[half:]),
+                    "test": sorted(persons[i] for i in order[:half])})
     return out
 
 

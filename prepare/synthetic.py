@@ -141,7 +141,8 @@ def _plan_new_layout(layout: str, num_ids: int | None, seed: int, min_len: int |
     if not 1 <= min_len <= max_len:
         raise ValueError(f"need 1 <= --min-len <= --max-len, got {min_len} and {max_len}")
     if max_len > 9999:
-        raise ValueError(f"--max-len: {layout} frame numbers have 4 digits here, so tracklets hold at most 9,999 frames")
+        raise ValueError(f"--max-len: {layout} frame numbers have 4 digits here, so tracklets hold at most 9,999 "
+                         "frames")
     if num_ids is not None and num_ids < (6 if layout == "lsvid" else 4):
         raise ValueError(f"--ids must be at least {6 if layout == 'lsvid' else 4} for {layout}")
     planner = {"ilidsvid": plan_ilidsvid, "prid2011": plan_prid2011, "lsvid": plan_lsvid}[layout]

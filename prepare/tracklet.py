@@ -124,6 +124,33 @@ def list_folders(path: str) -> list[str]:
     return sorted(name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name)))
 
 
+def person_folders(path: str, pattern: re.Pattern, missing: str, form: str) -> list[str]:
+    """The sub-folders of `path` (sorted), all named as `pattern` says; PrepareError(`missing`) without `path`."""
+    if not os.path.isdir(path):
+        raise PrepareError(f"{path}: {missing}")
+    names = list_folders(path)
+    for name in names:
+        if not pattern.match(name):
+            raise PrepareError(f"{os.path.join(path, name)}: not a {form} folder; move it out of the dataset")
+    return names
+
+
+def numbered_frames(folder: str, pattern: re.Pattern, form: str) -> tuple[list[str] | None, str | None]:
+    """(the PNG frames of `folder` in frame-number order, None) or (None, a problem line). `pattern`'s first group
+    is a frame's number; `form` names the expected file name in the problem line."""
+    files = list_files(folder, (".png",))
+    if not files:
+        return None, f"{folder}: holds no PNG frames; restore the sequence"
+    parsed = [pattern.match(f) for f in files]
+    if not all(parsed):
+        bad = files[[m is None for m in parsed].index(True)]
+        return None, f"{os.path.join(folder, bad)}: not a frame of this sequence ({form}); move it out of the dataset"
+    order = sorted((int(m.group(1)), f) for m, f in zip(parsed, files))
+    if len({n for n, _ in order}) != len(order):
+        return None, f"{folder}: two frames carry the same frame number; restore the sequence"
+    return [os.path.join(folder, f) for _, f in order], None
+
+
 def jpeg_problem(data: bytes, path: str) -> str | None:
     """A cheap structural check of a JPEG file's bytes; the full decode is `prepare verify --deep`."""
     if not data:

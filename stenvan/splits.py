@@ -86,8 +86,8 @@ def write_summary(out: Path, manifest: dict, data: str, mode: str, per_split: di
     mean, std = summarize(per_split, protocols)
     summary = {"dataset": manifest["dataset"], "data": str(data), "mode": mode, "splits": sorted(per_split),
                "person_splits_source": manifest["person_splits_source"], "mean": mean, "std": std,
-               "per_split": {str(s): {p: per_split[s][p] for p in protocols} | {"checkpoint": per_split[s]["checkpoint"]}
-                             for s in sorted(per_split)}}
+               "per_split": {str(s): {**{p: per_split[s][p] for p in protocols},
+                                      "checkpoint": per_split[s]["checkpoint"]} for s in sorted(per_split)}}
     atomic_write(out / SUMMARY, dump_json(summary))
     return format_summary(manifest["dataset"], sorted(per_split), mode, mean, std)
 

@@ -26,16 +26,20 @@ def inspect_json(out, split, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def shard(dataset: str, root, out) -> dict:
+    """Prepare `root` into `out`, check it deeply, return its manifest."""
+    assert prepare(dataset, "--data-dir", root, "--out", out, "--workers", 1) == 0
+    assert verify(out, deep=True) == []
+    return json.loads((out / "manifest.json").read_text())
+
+
 def listed(summary: dict, name: str) -> dict:
     return {t["key"]: t for t in summary["splits"][name]["tracklet_list"]}
 
 
 def test_ilidsvid_splits_follow_torchreid(tmp_path, capsys):
-    root = ilidsvid_tree(tmp_path / "ilids")
     out = tmp_path / "shards"
-    assert prepare("ilidsvid", "--data-dir", root, "--out", out, "--workers", 1) == 0
-    assert verify(out, deep=True) == []
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = shard("ilidsvid", ilidsvid_tree(tmp_path / "ilids"), out)
     assert manifest["version"] == 3 and manifest["dataset"] == "ilidsvid"
     names = [f"person{p:03d}" for p in ILIDS_PERSONS]  # name-sorted: what ls_set's 1-based positions count
     for n, row in enumerate(ILIDS_LS_SET.tolist()):
@@ -108,11 +112,8 @@ def test_prid2011_without_splits_keeps_persons_with_27_frames_in_both_cameras(tm
 
 
 def test_lsvid_lists_queries_cameras_and_frame_order(tmp_path, capsys):
-    root = lsvid_tree(tmp_path / "lsvid")
     out = tmp_path / "shards"
-    assert prepare("lsvid", "--data-dir", root, "--out", out, "--workers", 1) == 0
-    assert verify(out, deep=True) == []
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = shard("lsvid", lsvid_tree(tmp_path / "lsvid"), out)
     gallery = {e["key"]: e for e in manifest["splits"]["gallery"]["tracklets"]}
     assert list(gallery) == [f"test{r:05d}" for r in range(1, 7)]  # every test line, in list order
     assert [e["key"] for e in manifest["splits"]["query"]["tracklets"]] == [f"test{r:05d}" for r in LSVID_QUERIES]

@@ -17,6 +17,7 @@ from tests.video_trees import ILIDS_LS_SET, ilidsvid_tree, lsvid_tree, prid_tree
 
 REPO = Path(__file__).resolve().parents[1]
 ILIDS_MAT = Path("train-test people splits") / "train_test_splits_ilidsvid.mat"
+LSVID_FOLDER = Path("tracklet_train") / "0004"
 PRID_LENGTHS = {(p, c): 30 for p in (1, 2, 3, 4) for c in (1, 2)}
 PRID_SPLITS = [{"train": ["person_0001", "person_0003"], "test": ["person_0002", "person_0004"]}] * 10
 
@@ -51,9 +52,8 @@ CASES = {  # dataset, damage, what the line must say
         mat_bytes("query", np.array([[1, 4]], dtype=np.int32))), ["info_test.mat", "not an HDF5 file"]),
     "an LS-VID query row past the list": ("lsvid", lambda r: _write_queries(r, [1, 99]), ["info_test.mat",
                                                                                           "1..6"]),
-    "an LS-VID frame name without a frame number": ("lsvid", lambda r: (
-        r / "tracklet_train" / "0004" / "0004_0001_02_1.jpg").rename(r / "tracklet_train" / "0004" / "0004_0001_02_a.jpg"),
-        ["0004_0001_02_a.jpg", "frame number last"]),
+    "an LS-VID frame name without a frame number": ("lsvid", lambda r: (r / LSVID_FOLDER / "0004_0001_02_1.jpg").rename(
+        r / LSVID_FOLDER / "0004_0001_02_a.jpg"), ["0004_0001_02_a.jpg", "frame number last"]),
 }
 
 

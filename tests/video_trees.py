@@ -33,8 +33,8 @@ def write_frames(folder: Path, names_numbers: list[tuple[str, int]], person: int
     shuffled = list(names_numbers)
     random.Random(person * 10 + cam).shuffle(shuffled)
     for name, number in shuffled:
-        Image.fromarray(frame_pixels(person, cam, number, hw)).save(folder / name, fmt, **({"quality": 95} if fmt == "JPEG"
-                                                                                    else {}))
+        options = {"quality": 95} if fmt == "JPEG" else {}
+        Image.fromarray(frame_pixels(person, cam, number, hw)).save(folder / name, fmt, **options)
 
 
 ILIDS_PERSONS = [2, 5, 9, 13]  # numbers with gaps
@@ -71,8 +71,10 @@ def prid_tree(root: Path, lengths: dict[tuple[int, int], int], splits: list[dict
 
 # LS-VID: (list, prefix, pid, camera, frame numbers). Frame numbers deliberately unpadded: 9 comes before 10.
 LSVID_ROWS = {
-    "train": [("tracklet_train/0001/0001_0001_03_", 1, 3, [1, 2, 3]), ("tracklet_train/0001/0001_0002_05_", 1, 5, [7, 8]),
-              ("tracklet_train/0004/0004_0001_02_", 4, 2, [1, 2]), ("tracklet_train/0004/0004_0002_06_", 4, 6, [4, 5, 6])],
+    "train": [("tracklet_train/0001/0001_0001_03_", 1, 3, [1, 2, 3]),
+              ("tracklet_train/0001/0001_0002_05_", 1, 5, [7, 8]),
+              ("tracklet_train/0004/0004_0001_02_", 4, 2, [1, 2]),
+              ("tracklet_train/0004/0004_0002_06_", 4, 6, [4, 5, 6])],
     "val": [("tracklet_val/0006/0006_0001_01_", 6, 1, [1, 2]), ("tracklet_val/0006/0006_0002_02_", 6, 2, [3, 4]),
             ("tracklet_val/0007/0007_0001_01_", 7, 1, [1, 2, 3]), ("tracklet_val/0007/0007_0002_03_", 7, 3, [2, 3])],
     "test": [("tracklet_test/0010/0010_0001_04_", 10, 4, [8, 9, 10, 11]),
