@@ -216,11 +216,13 @@ class Embedder:
                     progress: bool = True) -> Embedded:
         """A split of prepared shards through eval.py's own extraction (stenvan.evaluate.extract_split)."""
         from stenvan.evaluate import _thumbnails, extract_split
-        from stenvan.shards import SPLITS, load_manifest
+        from stenvan.shards import load_manifest, split_names
 
-        if split not in SPLITS:
-            raise InputError(f"split={split!r} is not valid; use one of {', '.join(SPLITS)}")
-        entries = load_manifest(shard_dir)["splits"][split]["tracklets"]
+        manifest = load_manifest(shard_dir)
+        if split not in split_names(manifest["dataset"]):
+            raise InputError(f"split={split!r} is not valid for {manifest['dataset']}; use one of "
+                             f"{', '.join(split_names(manifest['dataset']))}")
+        entries = manifest["splits"][split]["tracklets"]
         features, _ = extract_split(self.model, str(shard_dir), split, mode=self.mode, clip_len=self.clip_len,
                                     height=self.height, width=self.width, device=self.device,
                                     precision=self.precision, loader=loader, workers=self.workers,
