@@ -20,7 +20,7 @@ import io
 import sys
 from pathlib import Path
 
-SPLITS = ("train", "query", "gallery")  # stenvan.shards.SPLITS (not imported here: --help stays instant)
+SPLITS = ("train", "query", "gallery", "val")  # stenvan.shards.SPLITS + LS-VID's val (not imported: --help stays instant)
 
 
 def main(argv=None) -> int:

@@ -1,13 +1,20 @@
-"""Evaluate a checkpoint on prepared shards under the official, standard and torchreid protocols.
+"""Evaluate a checkpoint on prepared shards under the dataset's protocols.
 
     python eval.py --checkpoint runs/ste_mars/last.pt --data shards/mars [--mode paper|dense] [--out DIR]
+    python eval.py --checkpoint runs/ilids/split-3/last.pt --data shards/ilidsvid --split 3   # a person split
+    python eval.py --checkpoint runs/lsvid/last.pt --data shards/lsvid [--split val]        # LS-VID's val set
     python eval.py --checkpoint STE_NVAN.pth --original-arch ste_nvan --data shards/mars   # released models
     python eval.py --checkpoint runs/demo/last.pt --data shards/mars --untrained            # same model, initial weights
     python eval.py --checkpoint runs/ste_mars/last.pt --data shards/mars --rerank   # + k-reciprocal re-ranked results
 
+Protocols: MARS and DukeV `official`, `standard`, `torchreid`; iLIDS-VID and PRID-2011 `cross_camera` (queries =
+camera 1 of the split's test persons, gallery = their camera 2; --split N is required); LS-VID `sinet` (gallery =
+test minus queries) and `bicnet` (gallery = every test tracklet), or `bicnet` alone on its val set.
+A model is never scored on identities it was trained on: another person split of the dataset it trained on is
+refused (exit 2); a model trained on another dataset is evaluated and labelled `cross_dataset` in metrics.json.
 Writes metrics.json, features.npz, cmc.png and ranked_list.png to --out (default: <checkpoint dir>/eval-<mode>,
-with -untrained appended for --untrained). --rerank adds `official_rerank`, `standard_rerank` and
-`torchreid_rerank` (k-reciprocal re-ranking, Zhong et al. 2017) next to the plain results, never in their place.
+with -split<N> / -val and -untrained appended). --rerank adds `<protocol>_rerank` (k-reciprocal re-ranking, Zhong
+et al. 2017) next to each plain result, never in its place.
 The outputs are written together (each to a temp file first, then all renamed into place): a full disk or a
 read-only --out ends in one line naming the file (exit 2) and leaves the folder as it was. A checkpoint without
 its .sha256 loads with a one-line warning (nothing can check its bytes).
@@ -15,7 +22,6 @@ its .sha256 loads with a one-line warning (nothing can check its bytes).
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
@@ -24,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", required=True, help="prepared shard folder")
     parser.add_argument("--mode", choices=("paper", "dense"), default="paper")
+    parser.add_argument("--split", help="iLIDS-VID, PRID-2011: the person split 0..9 to score (its test persons); "
+                                        "LS-VID: 'val' for its val set instead of the test set")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
     parser.add_argument("--original-arch", choices=("baseline", "nvan", "ste_nvan"),
@@ -50,50 +58,29 @@ def main(argv=None) -> int:
               f"{args.rerank_k2}, {args.rerank_lambda})", file=sys.stderr)
         return 2
 
-    from stenvan.amp import resolve_precision
     from stenvan.checkpoint import CheckpointError
-    from stenvan.distributed import DeviceError, describe
+    from stenvan.distributed import DeviceError
     from stenvan.errors import error_line
-    from stenvan.evaluation.evaluate import evaluate_model, load_model_for_eval, with_rerank, write_outputs
     from stenvan.evaluation import format_table
+    from stenvan.evaluation.run import default_out, evaluate_checkpoint
+    from stenvan.person_splits import parse_split
     from stenvan.shards import ShardFormatError
 
-    default_out = f"eval-{args.mode}" + ("-untrained" if args.untrained else "")
-    out = Path(args.out or Path(args.checkpoint).parent / default_out)
-    created = not out.exists()
+    out, created = None, False
     try:
-        device = describe(args.device).device
-        precision = resolve_precision(args.precision, device)
-        model, settings = load_model_for_eval(args.checkpoint, args.original_arch, args.untrained)
-        # The output folder before the features: a path that cannot take the outputs fails now, not after them.
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"{out}: exists and is not a folder; --out names the output folder")
-        out.mkdir(parents=True, exist_ok=True)
-        model.to(device)
-        settings.update({k: v for k, v in (("clip_len", args.clip_len), ("height", args.height),
-                                           ("width", args.width)) if v is not None})
-        model.check_clip_length(settings["clip_len"])
-        evaluation = evaluate_model(
-            model, args.data, mode=args.mode, clip_len=settings["clip_len"], height=settings["height"],
-            width=settings["width"], device=device, precision=precision, loader=args.loader, workers=args.workers,
-            batch_size=args.batch_size, metric=args.metric)
-        results, stats = evaluation.results, evaluation.stats
-        if args.rerank:
-            start = time.perf_counter()
-            results = with_rerank(results, evaluation.features, evaluation.records, args.metric, k1=args.rerank_k1,
-                                  k2=args.rerank_k2, lambda_value=args.rerank_lambda)
-            rerank = {"k1": args.rerank_k1, "k2": args.rerank_k2, "lambda": args.rerank_lambda,
-                      "seconds": time.perf_counter() - start}
-        extra = {"checkpoint": str(args.checkpoint), "model": settings["source"], "arch": settings["arch"],
-                 "mode": args.mode, "metric": args.metric, "data": str(args.data), "feature_frames_per_s":
-                 stats["frames_per_s"]}
-        if args.rerank:
-            extra["rerank_params"] = rerank
-        metrics = write_outputs(out, results, evaluation, args.metric, extra)
+        split = parse_split(args.split)
+        out = Path(args.out) if args.out else default_out(args.checkpoint, args.mode, split, args.untrained)
+        created = not out.exists()
+        rerank = {"k1": args.rerank_k1, "k2": args.rerank_k2, "lambda": args.rerank_lambda} if args.rerank else None
+        results, metrics, stats = evaluate_checkpoint(
+            args.checkpoint, args.data, out, split=split, mode=args.mode, device=args.device, precision=args.precision,
+            loader=args.loader, workers=args.workers, batch_size=args.batch_size, metric=args.metric,
+            original_arch=args.original_arch, untrained=args.untrained, clip_len=args.clip_len, height=args.height,
+            width=args.width, rerank=rerank)
         if args.summary:
             merge_summary(args.summary, args.label, metrics)
     except (CheckpointError, ShardFormatError, DeviceError, ValueError, ImportError, OSError) as e:
-        if created and out.is_dir() and not any(out.iterdir()):
+        if created and out is not None and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # the folder this run made for outputs it never wrote
         print(f"eval: error: {error_line(e, 'rerun')}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["stenvan", "stenvan.*", "prepare", "prepare.*"]),
     install_requires=[
         "torch", "torchvision", "numpy", "Pillow", "scipy", "webdataset", "tqdm", "tensorboard", "matplotlib",
-        "PyYAML",
+        "PyYAML", "h5py",  # h5py: MATLAB v7.3 files (LS-VID info_test.mat); scipy reads the older .mat files
     ],
     extras_require={
         # DALI must match the CUDA major version torch was built with (`make install` picks one).

@@ -6,28 +6,22 @@
         train.py --config configs/nvan_mars.yaml --data shards/mars --out runs/y --resume auto
     python train.py ... --resume auto        # continue from the newest valid checkpoint in --out
     python train.py ... --max-steps 100 --lr 3e-4 --precision fp32   # any config key: --key value
+    # iLIDS-VID, PRID-2011: one person split, or every split trained and evaluated in turn, then mean ± std
+    python train.py --config configs/ste_nvan_ilidsvid.yaml --data shards/ilidsvid --out runs/ilids3 --split 3
+    python train.py --config configs/ste_nvan_ilidsvid.yaml --data shards/ilidsvid --out runs/ilids --split all
 
-Exit codes: 0 finished or stopped cleanly by a signal (resume with --resume auto), 2 an error (bad config, data,
-checkpoint or run folder, another run holding --out, a shard changed under the run, a full disk; one line on
-stderr says which), 3 stopped by non-finite losses.
+Exit codes: 0 finished or stopped cleanly by a signal (resume with --resume auto; `--split all` continues where it
+stopped when rerun), 2 an error (bad config, data, checkpoint or run folder, another run holding --out, a shard
+changed under the run, a full disk; one line on stderr says which), 3 stopped by non-finite losses.
 """
 
 import argparse
+import re
 import sys
 
-from stenvan.checkpoint import CheckpointError
-from stenvan.config import ConfigError, load_config
-from stenvan.distributed import DeviceError
-from stenvan.errors import RESUME_RETRY, describe_os_error, error_line
-from stenvan.lock import LockError
-from stenvan.training.resume import RankZeroError
-from stenvan.training.run_folder import RunFolderError
-from stenvan.shards import ShardFormatError
-
-# RuntimeError: torchvision could not download the ImageNet weights (its message says how to get the file);
-# FileNotFoundError: a --pretrained path that does not exist; ImportError: --loader dali without DALI.
-USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, LockError, RunFolderError, RankZeroError,
-               ValueError, FileNotFoundError, RuntimeError, ImportError)
+from stenvan.config import load_config
+from stenvan.errors import RESUME_RETRY, describe_os_error
+from stenvan.training.run import USER_ERRORS, error, train_run
 
 
 def main(argv=None) -> int:
@@ -37,38 +31,26 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help="prepared shard folder")
     parser.add_argument("--out", help="run folder")
     parser.add_argument("--resume", help="'auto' (newest valid checkpoint in --out) or a checkpoint path")
+    parser.add_argument("--split", help="iLIDS-VID, PRID-2011: the person split N (0..9) to train on; 'all' or a "
+                        "list (0-4, 0,3,5): train and evaluate each split in --out/split-N, then their mean ± std "
+                        "(--out/splits.json)")
     args, overrides = parser.parse_known_args(argv)
+    # 'all', '0-4', '0,3,5': the person-split runner; one number (or anything else) is the config field `split`
+    several = args.split is not None and re.fullmatch(r"all|[\d,\- ]+", args.split.strip()) is not None \
+        and not args.split.strip().isdigit()
+    if args.split is not None and not several:
+        overrides += ["--split", args.split]
     try:
         cfg = load_config(args.config, overrides, data=args.data, out=args.out)
-        from stenvan.training.failures import RankFailed
-        from stenvan.training.trainer import Trainer, TrainingStopped
-
-        trainer = Trainer(cfg, resume=args.resume)
-    except USER_ERRORS as e:  # bad config, data, checkpoint, run folder, weights or device
+    except USER_ERRORS as e:  # a bad preset, override or value
         return error(e)
-    except OSError as e:  # --out not writable, a full disk: one line naming the path, no traceback
+    except OSError as e:  # an unreadable preset: one line naming the path, no traceback
         return error(describe_os_error(e, RESUME_RETRY))
-    code = 0
-    try:
-        trainer.fit()
-    except TrainingStopped as e:
-        print(f"train: stopped: {e}", file=sys.stderr)
-        code = 3
-    except (ShardFormatError, CheckpointError, RankFailed) as e:  # a shard changed under the run; a checkpoint
-        code = error(e)                                           # write that failed; the same on another rank
-    except OSError as e:
-        code = error(describe_os_error(e, RESUME_RETRY))
-    finally:
-        try:
-            trainer.close()  # waits for the checkpoint in flight, which may fail too
-        except (CheckpointError, OSError) as e:
-            code = code or error(error_line(e, RESUME_RETRY))
-    return code
+    if several:
+        from stenvan.training.splits import run_splits
 
-
-def error(e) -> int:
-    print(f"train: error: {e}", file=sys.stderr)
-    return 2
+        return run_splits(cfg, args.split)
+    return train_run(cfg, args.resume)[0]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Every variant loads the same clips (same P×K sampler, same restricted random fr
 the same batch size and worker count, and delivers normalised (B, T, 3, H, W) float32 clips on `--device`:
 - `dali`: stenvan's default loader, frames read by offset from the shards; decode on the CPU (`--device cpu`)
   or `mixed` (nvJPEG, `--device cuda`).
-- `torch`: stenvan's torch loader (DataLoader + torchvision.io.decode_jpeg from the shards).
+- `torch`: stenvan's torch loader (DataLoader + torchvision.io.decode_image, libjpeg for JPEG, from the shards).
 - `original`: the STE-NVAN project's approach: a DataLoader whose dataset opens one JPEG file per frame from the
   raw dataset folders with PIL, `Resize((H, W))` + `ToTensor` + `Normalize` per frame, stacks T frames, flips.
 One full epoch of `--batches` batches warms each variant up (workers started, caches filled); then `--repeats`

@@ -22,13 +22,14 @@ from prepare.records import (clean_temp, load_records, load_run, log, records_di
 from prepare.tracklet import PrepareError, Tracklet
 from prepare.writer import ShardJob, build_manifest, check_intact, plan_shards, run_jobs
 from stenvan.lock import FolderLock, LockError
-from stenvan.shards import (MANIFEST, SPLITS, ShardFormatError, atomic_write, dataset_fingerprint, dump_json,
-                            load_manifest)
+from stenvan.shards import (MANIFEST, ShardFormatError, atomic_write, dataset_fingerprint, dump_json, load_manifest,
+                            split_names)
 
 
 def prepare_dataset(dataset: str, tracklets: list[Tracklet], skipped: list[dict], out_dir: str, root: str,
-                    shard_bytes: int, workers: int = 1, skip_bad: bool = False) -> dict:
-    """Shard `tracklets` into `out_dir` (new, unfinished or finished, see above); returns the manifest."""
+                    shard_bytes: int, workers: int = 1, skip_bad: bool = False, extra: dict | None = None) -> dict:
+    """Shard `tracklets` into `out_dir` (new, unfinished or finished, see above); returns the manifest. `extra`:
+    dataset fields of the manifest beside its splits (iLIDS-VID's and PRID-2011's person splits)."""
     if not tracklets:
         raise PrepareError(f"{root}: no tracklets found; check --data-dir")
     out = Path(out_dir)
@@ -42,8 +43,8 @@ def prepare_dataset(dataset: str, tracklets: list[Tracklet], skipped: list[dict]
         jobs = plan_shards(tracklets, shard_bytes, root)
         options = {"shard_bytes": shard_bytes, "skip_bad": skip_bad}
         if (out / MANIFEST).exists():
-            return _rerun_finished(dataset, jobs, skipped, out, options, workers)
-        return _build(dataset, jobs, skipped, out, options, workers)
+            return _rerun_finished(dataset, jobs, skipped, out, options, workers, extra)
+        return _build(dataset, jobs, skipped, out, options, workers, extra)
     finally:
         if records_dir(out).is_dir():
             clean_temp(out)  # of a failed or interrupted write: only inside our own records folder
@@ -52,7 +53,7 @@ def prepare_dataset(dataset: str, tracklets: list[Tracklet], skipped: list[dict]
 
 def _summary(dataset: str, manifest: dict, out: Path, what: str) -> None:
     splits = ", ".join(f"{name} {manifest['splits'][name]['num_tracklets']:,} tracklets / "
-                       f"{manifest['splits'][name]['num_ids']:,} ids" for name in SPLITS)
+                       f"{manifest['splits'][name]['num_ids']:,} ids" for name in split_names(dataset))
     frames = sum(s["num_frames"] for s in manifest["shards"])
     log(f"{dataset}: {what}: {len(manifest['shards'])} shards, {frames:,} frames ({splits}) -> {out}")
     if manifest["skipped"]:
@@ -64,7 +65,8 @@ def _summary(dataset: str, manifest: dict, out: Path, what: str) -> None:
             f"manifest.json lists each under 'skipped'")
 
 
-def _build(dataset: str, jobs: list[ShardJob], skipped: list[dict], out: Path, options: dict, workers: int) -> dict:
+def _build(dataset: str, jobs: list[ShardJob], skipped: list[dict], out: Path, options: dict, workers: int,
+           extra: dict | None) -> dict:
     """A new dataset, or the continuation of an unfinished run."""
     run = load_run(out)
     if run is not None and run["dataset"] != dataset:
@@ -91,7 +93,7 @@ def _build(dataset: str, jobs: list[ShardJob], skipped: list[dict], out: Path, o
     fresh = run_jobs(todo, str(out), options["skip_bad"], workers, total,
                      sum(j.num_frames for j in jobs if j.name in kept))
     seconds = time.perf_counter() - start
-    manifest = build_manifest(dataset, jobs, {**kept, **{r["name"]: r for r in fresh}}, skipped)
+    manifest = build_manifest(dataset, jobs, {**kept, **{r["name"]: r for r in fresh}}, skipped, extra)
     atomic_write(out / MANIFEST, dump_json(manifest), tmp_dir=records_dir(out))
     written = sum(j.num_frames for j in todo)
     log(f"{dataset}: wrote {written:,} frames in {seconds:.1f} s ({written / max(seconds, 1e-9):,.0f} frames/s)")
@@ -109,7 +111,7 @@ def _refuse_change(out: Path, reason: str) -> PrepareError:
 
 
 def _rerun_finished(dataset: str, jobs: list[ShardJob], skipped: list[dict], out: Path, options: dict,
-                    workers: int) -> dict:
+                    workers: int, extra: dict | None) -> dict:
     """The same command on a finished dataset: verify it, restore damaged files, refuse any real change."""
     try:
         current, damage = load_manifest(out), None
@@ -129,6 +131,9 @@ def _rerun_finished(dataset: str, jobs: list[ShardJob], skipped: list[dict], out
     if run["options"] != options:
         raise _refuse_change(out, f"it was prepared with {_options_text(run['options'])}, this command asks for "
                                   f"{_options_text(options)}")
+    if current is not None and any(current.get(k) != v for k, v in (extra or {}).items()):
+        changed = ", ".join(sorted(k for k, v in extra.items() if current.get(k) != v))
+        raise _refuse_change(out, f"its {changed} changed (another split file, or other frames in its persons)")
     records = load_records(out)
     planned = {j.name: j for j in jobs}
     differ = sorted(n for n, j in planned.items() if records.get(n, {}).get("plan_sha256") != j.fingerprint)
@@ -154,7 +159,7 @@ def _rerun_finished(dataset: str, jobs: list[ShardJob], skipped: list[dict], out
         records.update({r["name"]: r for r in results})
         if damaged:
             log(f"restored {len(damaged)} damaged shards with their recorded bytes: {', '.join(damaged[:5])}")
-    manifest = build_manifest(dataset, jobs, records, skipped)
+    manifest = build_manifest(dataset, jobs, records, skipped, extra)
     restored = bool(damaged)  # every damaged shard was redone
     if current is None or dataset_fingerprint(current) != dataset_fingerprint(manifest):
         # Every shard is as recorded: writing the manifest (one rename) completes the dataset at once.

@@ -1,10 +1,13 @@
-"""Command line of `python -m prepare`: synthetic data, MARS/DukeV → shards, verify, inspect.
+"""Command line of `python -m prepare`: synthetic data, datasets → shards, verify, inspect.
 
     python -m prepare synthetic --layout mars --out data/synthetic_mars --ids 60 --seed 0
     python -m prepare mars --data-dir data/MARS --info-dir data/MARS/info --out shards/mars --workers 8
     python -m prepare dukev --data-dir data/DukeMTMC-VideoReID --out shards/dukev --workers 8
+    python -m prepare ilidsvid --data-dir data/iLIDS-VID --out shards/ilidsvid
+    python -m prepare prid2011 --data-dir data/prid2011 --out shards/prid2011 [--splits splits_prid2011.json]
+    python -m prepare lsvid --data-dir data/LS-VID --out shards/lsvid --workers 8
     python -m prepare verify shards/mars [--deep]
-    python -m prepare inspect shards/mars [--json]
+    python -m prepare inspect shards/mars [--json] [--split N]
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from prepare.tracklet import PrepareError
 from stenvan.errors import describe_os_error
 from stenvan.shards import ShardFormatError
 
-RETRY = "rerun the same command (finished shards are kept)"  # how to carry on after an OSError's cause is fixed
+RETRY = "rerun the same command (finished shards are kept)"
+LAYOUTS = ("mars", "dukev", "ilidsvid", "prid2011", "lsvid")
+DATASETS = LAYOUTS  # what `prepare <dataset>` shards  # how to carry on after an OSError's cause is fixed
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -37,10 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m prepare", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    syn = sub.add_parser("synthetic", help="write a synthetic dataset in the MARS or DukeV layout",
-                         description="Small datasets with --ids N; exact split sizes with --real-sizes (the "
-                                     "distributed dataset's numbers), --scale and the per-size options.")
-    syn.add_argument("--layout", choices=("mars", "dukev"), required=True)
+    syn = sub.add_parser("synthetic", help="write a synthetic dataset in the layout of MARS, DukeV, iLIDS-VID, "
+                                           "PRID-2011 or LS-VID",
+                         description="Small datasets with --ids N; the distributed dataset's numbers with --real-sizes "
+                                     "(MARS, DukeV: also --scale and the per-size options).")
+    syn.add_argument("--layout", choices=LAYOUTS, required=True)
     syn.add_argument("--out", required=True, help="new or empty folder (a finished one with the same options: no-op)")
     syn.add_argument("--ids", type=int, help="identities, split between train and test (default 60; not with sizes)")
     syn.add_argument("--seed", type=int, default=0)
@@ -52,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     sized.add_argument("--real-sizes", action="store_true",
                        help="MARS: 625 ids / 8,298 tracklets / 509,914 frames train; 634 ids + distractors + junk "
                             "/ 12,180 tracklets / 681,089 frames / 1,980 queries test. DukeV: 702 / 2,196 / "
-                            "369,656 train; 702 + 408 distractor ids / 2,636 gallery tracklets / 445,764 frames")
+                            "369,656 train; 702 + 408 distractor ids / 2,636 gallery tracklets / 445,764 frames. "
+                            "iLIDS-VID: 300 persons / 600 sequences of 23-192 frames (PNG). PRID-2011: 385 + 749 "
+                            "persons, 178 kept by the protocol (PNG). LS-VID: 3,772 ids / 14,943 tracklets / ~3M "
+                            "frames (large: tens of GB)")
     sized.add_argument("--scale", type=float, help="multiply the real counts (both splits) by this factor")
     sized.add_argument("--test-scale", type=float, help="multiply the test split's real counts by this instead")
     from prepare.synthetic_sizes import OPTION_HELP
@@ -79,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     duke = sub.add_parser("dukev", help="shard a DukeMTMC-VideoReID tree (train/, query/, gallery/)")
     duke.add_argument("--data-dir", required=True)
     shard_options(duke)
+    ilids = sub.add_parser("ilidsvid", help="shard an iLIDS-VID tree (i-LIDS-VID/sequences/, train-test people "
+                                            "splits/) with its 10 person splits")
+    ilids.add_argument("--data-dir", required=True, help="the extracted archive, or torchreid's ilids-vid/ folder")
+    shard_options(ilids)
+    prid = sub.add_parser("prid2011", help="shard a PRID-2011 tree (prid_2011/multi_shot/) with its 10 person splits")
+    prid.add_argument("--data-dir", required=True, help="the folder holding prid_2011/ (torchreid's prid2011/)")
+    prid.add_argument("--splits", help="torchreid's splits_prid2011.json (default: DATA_DIR/splits_prid2011.json if "
+                                       "it exists; without one, 10 seeded splits that are not the published ones)")
+    shard_options(prid)
+    ls = sub.add_parser("lsvid", help="shard an LS-VID tree (list_sequence/, test/data/info_test.mat, tracklet_*/)")
+    ls.add_argument("--data-dir", required=True)
+    shard_options(ls)
 
     ver = sub.add_parser("verify", help="check a prepared dataset: checksums, indexes, counts")
     ver.add_argument("dir")
@@ -86,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="ids, tracklets, frames, lengths and cameras per split")
     ins.add_argument("dir")
     ins.add_argument("--json", action="store_true")
+    ins.add_argument("--split", help="iLIDS-VID, PRID-2011: person split 0..9; LS-VID: val. Lists that split's "
+                                     "tracklets (train, query, gallery) with their source folder, camera and frames")
     return parser
 
 
@@ -99,10 +122,10 @@ def _stop_on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if args.command in ("mars", "dukev") else None
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if args.command in DATASETS else None
     try:
         return _run(args)
-    except (PrepareError, ShardFormatError, FileExistsError, ValueError) as e:
+    except (PrepareError, ShardFormatError, FileExistsError, ValueError) as e:  # SplitError is a ValueError
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -111,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Stopped) as e:
         signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
         resume = (" Finished shards are kept: rerun the same command to continue where it stopped."
-                  if args.command in ("mars", "dukev") else "")
+                  if args.command in DATASETS else "")
         print(f"prepare: interrupted by {signal.Signals(signum).name}.{resume}", file=sys.stderr)
         return 128 + signum
     finally:
@@ -126,7 +149,11 @@ def _synthetic(args) -> int:
     overrides = {f: getattr(args, "size_" + f) for f in OPTION_HELP if getattr(args, "size_" + f) is not None}
     sizes = None
     scale, test_scale = args.scale, args.test_scale
-    if args.real_sizes or scale is not None or test_scale is not None or overrides:
+    new_layout = args.layout not in REAL  # iLIDS-VID, PRID-2011, LS-VID: --ids or --real-sizes only
+    if new_layout and (scale is not None or test_scale is not None or overrides):
+        raise ValueError(f"--layout {args.layout} takes --ids or --real-sizes (with --min-len/--max-len); --scale and "
+                         "the per-size options are for mars and dukev")
+    if not new_layout and (args.real_sizes or scale is not None or test_scale is not None or overrides):
         sizes = REAL[args.layout]
         if scale is not None or test_scale is not None:
             scale = 1.0 if scale is None else scale
@@ -134,7 +161,8 @@ def _synthetic(args) -> int:
         sizes = type(sizes)(**{**sizes.as_dict(), **overrides})
     try:
         counts = generate(args.layout, args.out, args.ids, args.seed, args.min_len, args.max_len, sizes=sizes,
-                          workers=args.workers, quirk_f0002=args.quirk_f0002, quirk_old_names=args.quirk_old_names)
+                          workers=args.workers, quirk_f0002=args.quirk_f0002, quirk_old_names=args.quirk_old_names,
+                          real_sizes=new_layout and args.real_sizes)
     except KeyboardInterrupt:
         print(f"prepare: interrupted; nothing was left in {args.out}", file=sys.stderr)
         return 130
@@ -154,24 +182,18 @@ def _synthetic(args) -> int:
 def _run(args) -> int:
     if args.command == "synthetic":
         return _synthetic(args)
-    if args.command in ("mars", "dukev"):
+    if args.command in DATASETS:
         from prepare.build import prepare_dataset
 
         if args.workers < 1:
             raise PrepareError("--workers must be at least 1")
-        if args.command == "mars":
-            from prepare.mars import scan_mars
-
-            tracklets, skipped = scan_mars(args.data_dir, args.info_dir or os.path.join(args.data_dir, "info"),
-                                           args.skip_bad)
-        else:
-            from prepare.dukev import scan_dukev
-
-            tracklets, skipped = scan_dukev(args.data_dir, args.skip_bad)
+        tracklets, skipped, extra, notes = _scan(args)
+        for line in notes:
+            print(f"prepare: {line}", file=sys.stderr)
         for s in skipped:
             print(f"prepare: skipped {s['key']}: {s['reason']}", file=sys.stderr)
         manifest = prepare_dataset(args.command, tracklets, skipped, args.out, args.data_dir, args.shard_size,
-                                   args.workers, args.skip_bad)
+                                   args.workers, args.skip_bad, extra)
         for s in manifest["skipped"][len(skipped):]:
             print(f"prepare: skipped {s['key']}: {s['reason']}", file=sys.stderr)
         return 0
@@ -185,7 +207,33 @@ def _run(args) -> int:
             print(f"{args.dir}: OK{' (every frame decoded)' if args.deep else ''}")
         return 1 if problems else 0
     from prepare.summary import format_summary, summarize
+    from stenvan.person_splits import parse_split
 
-    summary = summarize(args.dir)
+    summary = summarize(args.dir, parse_split(args.split))
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     return 0
+
+
+def _scan(args) -> tuple[list, list, dict | None, list[str]]:
+    """(tracklets, skipped, the manifest's dataset fields, lines to print) of the dataset `args.command`."""
+    if args.command == "mars":
+        from prepare.mars import scan_mars
+
+        return (*scan_mars(args.data_dir, args.info_dir or os.path.join(args.data_dir, "info"), args.skip_bad),
+                None, [])
+    if args.command == "dukev":
+        from prepare.dukev import scan_dukev
+
+        return (*scan_dukev(args.data_dir, args.skip_bad), None, [])
+    if args.command == "ilidsvid":
+        from prepare.ilidsvid import scan_ilidsvid
+
+        return scan_ilidsvid(args.data_dir, args.skip_bad)
+    if args.command == "prid2011":
+        from prepare.prid2011 import scan_prid2011
+
+        return scan_prid2011(args.data_dir, args.splits, args.skip_bad)
+    from prepare.lsvid import scan_lsvid
+
+    tracklets, skipped, notes = scan_lsvid(args.data_dir, args.skip_bad)
+    return tracklets, skipped, None, notes

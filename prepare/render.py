@@ -201,6 +201,13 @@ class TrackletRenderer:
         return np.clip(frame, 0, 255, out=frame).astype(np.uint8)
 
 
+def encode_png(frame: np.ndarray) -> bytes:
+    """Lossless PNG (iLIDS-VID and PRID-2011 ship PNG frames); Pillow's zlib output is deterministic."""
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, "JPEG", quality=quality)

@@ -1,6 +1,8 @@
-"""Synthetic datasets written in the exact on-disk layouts of MARS and DukeMTMC-VideoReID (design §2).
+"""Synthetic datasets written in the exact on-disk layouts of MARS, DukeMTMC-VideoReID (design §2), iLIDS-VID,
+PRID-2011 and LS-VID (prepare/synthetic_layouts.py).
 
-    python -m prepare synthetic --layout {mars,dukev} --out DIR --ids N --seed S [--min-len A --max-len B]
+    python -m prepare synthetic --layout {mars,dukev,ilidsvid,prid2011,lsvid} --out DIR --ids N --seed S
+                                [--min-len A --max-len B]
     python -m prepare synthetic --layout mars --out DIR --real-sizes [--scale F --test-scale F] --workers 16
 
 The tree is what `prepare mars` / `prepare dukev` read for the real datasets, so tests and the demo exercise
@@ -24,11 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from prepare.matfile import mat_bytes
-from prepare.render import TrackletRenderer, encode_jpeg, random_camera, random_identity
+from prepare.render import TrackletRenderer, encode_jpeg, encode_png, random_camera, random_identity
 from prepare.synthetic_output import PartialFolder, existing_result
 from prepare.synthetic_plan import (Plan, TrackPlan, add_dukev_quirks, frame_name, mars_name, plan_dukev_ids,
                                     plan_dukev_sized, plan_mars_ids, plan_mars_sized, rng_for)
 from prepare.synthetic_sizes import SplitSizes, check
+
+NEW_LAYOUTS = ("ilidsvid", "prid2011", "lsvid")  # iLIDS-VID and PRID-2011 frames are PNG, the rest JPEG
+PNG_LAYOUTS = ("ilidsvid", "prid2011")
 
 GENERATOR_VERSION = 1  # bump when the same options start giving other bytes: finished trees are then stale
 UNIT_FRAMES = 2000  # frames per work unit (an identity, or a slice of 0000 / 00-1): small enough to balance
@@ -38,14 +43,16 @@ DISK_BYTES_PER_FILE = 8192  # a ~7 KB JPEG takes two 4 KiB blocks
 def generate(layout: str, out: str | os.PathLike, num_ids: int | None = None, seed: int = 0,
              min_len: int | None = None, max_len: int | None = None, *, sizes: SplitSizes | None = None,
              workers: int = 1, quirk_f0002: float = 0.0, quirk_old_names: float = 0.0,
-             progress: bool = True) -> dict:
+             progress: bool = True, real_sizes: bool = False) -> dict:
     """Write a synthetic dataset tree into `out` (new or empty) and return its counts.
 
     Either `num_ids` (small datasets, min/max length default 2/120) or exact `sizes` (min/max length from
     the sizes unless given). `quirk_*`: fractions of DukeV tracklets that start at F0002 / use the older
-    `0001C6F0099X30823.jpg` names. Rerunning with the same options into a finished tree is a no-op.
+    `0001C6F0099X30823.jpg` names. `real_sizes`: the real counts of iLIDS-VID, PRID-2011 or LS-VID (MARS and
+    DukeV take `sizes`). Rerunning with the same options into a finished tree is a no-op.
     """
-    plan, options = make_plan(layout, num_ids, seed, min_len, max_len, sizes, quirk_f0002, quirk_old_names)
+    plan, options = make_plan(layout, num_ids, seed, min_len, max_len, sizes, quirk_f0002, quirk_old_names,
+                              real_sizes)
     if workers < 1:
         raise ValueError("--workers must be at least 1")
     out = Path(os.path.abspath(out))
@@ -72,10 +79,16 @@ def generate(layout: str, out: str | os.PathLike, num_ids: int | None = None, se
 
 
 def make_plan(layout: str, num_ids: int | None, seed: int, min_len: int | None, max_len: int | None,
-              sizes: SplitSizes | None, quirk_f0002: float = 0.0, quirk_old_names: float = 0.0) -> tuple[Plan, dict]:
+              sizes: SplitSizes | None, quirk_f0002: float = 0.0, quirk_old_names: float = 0.0,
+              real_sizes: bool = False) -> tuple[Plan, dict]:
     """Validate the options and plan every tracklet; returns the plan and the options as recorded."""
+    if layout in NEW_LAYOUTS:
+        return _plan_new_layout(layout, num_ids, seed, min_len, max_len, sizes, real_sizes, quirk_f0002 or
+                                quirk_old_names)
     if layout not in ("mars", "dukev"):
-        raise ValueError(f"--layout must be 'mars' or 'dukev', got {layout!r}")
+        raise ValueError(f"--layout must be one of mars, dukev, {', '.join(NEW_LAYOUTS)}; got {layout!r}")
+    if real_sizes:
+        raise ValueError("real_sizes is for iLIDS-VID, PRID-2011 and LS-VID; MARS and DukeV take sizes")
     for name, value in (("--quirk-f0002", quirk_f0002), ("--quirk-old-names", quirk_old_names)):
         if not 0 <= value <= 1:
             raise ValueError(f"{name} is a fraction of the tracklets, between 0 and 1; got {value}")
@@ -111,9 +124,39 @@ def make_plan(layout: str, num_ids: int | None, seed: int, min_len: int | None, 
     return plan, options
 
 
+def _plan_new_layout(layout: str, num_ids: int | None, seed: int, min_len: int | None, max_len: int | None,
+                     sizes: SplitSizes | None, real_sizes: bool, quirks: float) -> tuple[Plan, dict]:
+    from prepare.synthetic_layouts import ILIDS_REAL, LSVID_REAL, PRID_REAL, plan_ilidsvid, plan_lsvid, plan_prid2011
+
+    if sizes is not None or quirks:
+        raise ValueError(f"--layout {layout} takes --ids or --real-sizes (with --min-len/--max-len); the size options "
+                         "and DukeV quirks are for mars and dukev")
+    if real_sizes and num_ids is not None:
+        raise ValueError("--ids and --real-sizes exclude each other: give one or the other")
+    real = {"ilidsvid": ILIDS_REAL, "prid2011": PRID_REAL, "lsvid": LSVID_REAL}[layout]
+    default_min, default_max = (real["min_len"], real["max_len"]) if real_sizes else (2, 120)
+    min_len = default_min if min_len is None else min_len
+    max_len = default_max if max_len is None else max_len
+    num_ids = None if real_sizes else (60 if num_ids is None else num_ids)
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= --min-len <= --max-len, got {min_len} and {max_len}")
+    if max_len > 9999:
+        raise ValueError(f"--max-len: {layout} frame numbers have 4 digits here, so tracklets hold at most 9,999 "
+                         "frames")
+    if num_ids is not None and num_ids < (6 if layout == "lsvid" else 4):
+        raise ValueError(f"--ids must be at least {6 if layout == 'lsvid' else 4} for {layout}")
+    planner = {"ilidsvid": plan_ilidsvid, "prid2011": plan_prid2011, "lsvid": plan_lsvid}[layout]
+    plan = planner(num_ids or 0, seed, min_len, max_len, real=real_sizes)
+    options = {"layout": layout, "seed": seed, "version": GENERATOR_VERSION, "min_len": min_len, "max_len": max_len,
+               **({"real_sizes": True} if real_sizes else {"num_ids": num_ids})}
+    return plan, options
+
+
 def _counts(plan: Plan, nbytes: int) -> dict:
     counts = {"frames": plan.frames, "files": plan.files, "bytes": nbytes, "train_tracklets": len(plan.train)}
-    if plan.layout == "mars":
+    if plan.layout in NEW_LAYOUTS:
+        counts.update(persons=len({(t.person, t.pid) for t in plan.train}))
+    elif plan.layout == "mars":
         counts.update(test_tracklets=len(plan.test), queries=len(plan.queries))
     else:
         counts.update(gallery_tracklets=len(plan.test), queries=sum(len(t.folders) > 1 for t in plan.test))
@@ -194,7 +237,7 @@ def _render_unit(job) -> tuple[int, int]:
         for folder in folders:
             os.makedirs(folder, exist_ok=True)
         for i in range(t.length):
-            data = encode_jpeg(renderer.frame(i))
+            data = encode_png(renderer.frame(i)) if layout in PNG_LAYOUTS else encode_jpeg(renderer.frame(i))
             name = frame_name(layout, t, i)
             for folder in folders:
                 fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -217,7 +260,13 @@ def _track_table(tracks: list[TrackPlan]) -> np.ndarray:
 
 
 def write_info(root: Path, plan: Plan) -> None:
-    """MARS's info/ folder: name lists (streamed, CRLF like the original) and the three .mat files."""
+    """MARS's info/ folder: name lists (streamed, CRLF like the original) and the three .mat files; the split and
+    query files of iLIDS-VID, PRID-2011 and LS-VID."""
+    if plan.layout in NEW_LAYOUTS:
+        from prepare.synthetic_layouts import write_meta
+
+        write_meta(root, plan)
+        return
     if plan.layout != "mars":
         return
     info = root / "info"

@@ -34,6 +34,7 @@ class TrackPlan:
     x_start: int = 0  # DukeV: original video frame number of the first frame
     first_frame: int = 1  # DukeV quirk: some distributed tracklets start at F0002
     old_name: bool = False  # DukeV quirk: the older 0001C6F0099X30823.jpg naming
+    prefix: str = ""  # LS-VID: the frame names' common start (the list file's path prefix, without its folder)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Plan:
     train: list  # TrackPlans in name-list order
     test: list  # MARS: bbox_test rows in order; DukeV: gallery tracklets (queries are extra folders)
     queries: list  # MARS: 1-based rows of `test` that are queries; DukeV: empty
+    meta: dict = field(default_factory=dict)  # iLIDS-VID, PRID-2011, LS-VID: their split / query files' content
 
     @property
     def tracks(self) -> list:
@@ -67,6 +69,10 @@ def mars_name(pid: int, camid: int, number: int, frame: int) -> str:
 
 def frame_name(layout: str, t: TrackPlan, i: int) -> str:
     """File name of frame i (0-based) of tracklet t."""
+    if layout in ("ilidsvid", "prid2011", "lsvid"):
+        from prepare.synthetic_layouts import frame_name as layout_frame_name
+
+        return layout_frame_name(t, layout, i)
     if layout == "mars":
         return mars_name(t.pid, t.camid, t.number, i + 1)
     frame, x = t.first_frame + i, t.x_start + i

@@ -87,6 +87,70 @@ def jpeg_end(data: bytes) -> int | None:
     return None
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\0\0\0\0IEND\xaeB`\x82"  # the IEND chunk (length 0, type, CRC) that closes every PNG
+
+
+def frame_ext(data: bytes) -> str | None:
+    """The shard member extension for a frame's bytes: "jpg" or "png" (from its signature), None for others."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == PNG_SIGNATURE:
+        return "png"
+    return None
+
+
+def frame_problem(data: bytes, path: str) -> str | None:
+    """A cheap structural check of a frame (JPEG or PNG, told by its bytes, not its name); the full decode is
+    `prepare verify --deep`."""
+    if data[:8] == PNG_SIGNATURE:
+        if data[12:16] != b"IHDR" or PNG_END not in data[-64:]:
+            return (f"{path}: truncated or broken PNG (no IHDR header or no IEND chunk at its end); restore it or "
+                    "pass --skip-bad")
+        return None
+    if data and data[:3] != b"\xff\xd8\xff":
+        return (f"{path}: neither a JPEG nor a PNG (by its first bytes); replace the file or pass --skip-bad to skip "
+                "its tracklet")
+    return jpeg_problem(data, path)
+
+
+def list_files(folder: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Names (sorted) of the entries of `folder` whose lower-cased name ends with one of `suffixes`."""
+    return sorted(name for name in os.listdir(folder) if name.lower().endswith(suffixes))
+
+
+def list_folders(path: str) -> list[str]:
+    """Names (sorted) of the sub-folders of `path`."""
+    return sorted(name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name)))
+
+
+def person_folders(path: str, pattern: re.Pattern, missing: str, form: str) -> list[str]:
+    """The sub-folders of `path` (sorted), all named as `pattern` says; PrepareError(`missing`) without `path`."""
+    if not os.path.isdir(path):
+        raise PrepareError(f"{path}: {missing}")
+    names = list_folders(path)
+    for name in names:
+        if not pattern.match(name):
+            raise PrepareError(f"{os.path.join(path, name)}: not a {form} folder; move it out of the dataset")
+    return names
+
+
+def numbered_frames(folder: str, pattern: re.Pattern, form: str) -> tuple[list[str] | None, str | None]:
+    """(the PNG frames of `folder` in frame-number order, None) or (None, a problem line). `pattern`'s first group
+    is a frame's number; `form` names the expected file name in the problem line."""
+    files = list_files(folder, (".png",))
+    if not files:
+        return None, f"{folder}: holds no PNG frames; restore the sequence"
+    parsed = [pattern.match(f) for f in files]
+    if not all(parsed):
+        bad = files[[m is None for m in parsed].index(True)]
+        return None, f"{os.path.join(folder, bad)}: not a frame of this sequence ({form}); move it out of the dataset"
+    order = sorted((int(m.group(1)), f) for m, f in zip(parsed, files))
+    if len({n for n, _ in order}) != len(order):
+        return None, f"{folder}: two frames carry the same frame number; restore the sequence"
+    return [os.path.join(folder, f) for _, f in order], None
+
+
 def jpeg_problem(data: bytes, path: str) -> str | None:
     """A cheap structural check of a JPEG file's bytes; the full decode is `prepare verify --deep`."""
     if not data:

@@ -5,6 +5,8 @@ against the tar headers it describes, and the manifest's counts and tracklet pla
 Every manifest entry is compared with the tracklet's JSON member in its shard (key, pid, camera, frame count,
 query/junk/distractor flags), every sample must belong to a split, each split must live in the shard group
 its dataset puts it in, train labels must follow the pids, and the query marks must agree between splits.
+Every frame member's extension (`jpg`/`png`) must name the format of its bytes; iLIDS-VID's and PRID-2011's person
+splits must be disjoint halves of persons the manifest holds, each test person with a query and a gallery tracklet.
 `--deep` also decodes every frame. Returns one line per problem (an empty list means the dataset is sound).
 """
 
@@ -17,8 +19,9 @@ import mmap
 import os
 from pathlib import Path
 
-from stenvan.shards import (BLOCK, SPLIT_GROUPS, SPLITS, ShardFormatError, load_manifest, padded, read_index,
-                            sha256_file)
+from prepare.tracklet import frame_ext
+from stenvan.shards import (BLOCK, SPLIT_GROUPS, ShardFormatError, load_manifest, padded, read_index, sha256_file,
+                            split_names)
 
 FLAGS = ("query", "junk", "distractor")
 
@@ -73,6 +76,7 @@ def _check_shard(directory: Path, shard: dict, deep: bool, problems: list[str]) 
             problems.append(f"{idx}: {len(samples)} tracklets / {sum(len(s) - 1 for s in samples)} frames, the "
                             f"manifest says {shard['num_tracklets']} / {shard['num_frames']}")
         metas = [_read_json(tar, buf, members, problems) for members in samples]
+        _check_frame_formats(tar, buf, samples, problems)
         if deep:
             _decode_all(tar, buf, samples, problems)
     return samples, metas
@@ -90,6 +94,18 @@ def _read_json(tar: Path, buf, members, problems: list[str]) -> dict | None:
     if info.get("num_frames") != len(members) - 1:
         problems.append(f"{tar}: {meta.name} says {info.get('num_frames')} frames, the shard holds {len(members) - 1}")
     return info
+
+
+def _check_frame_formats(tar: Path, buf, samples, problems: list[str]) -> None:
+    """Each frame member's extension names the format its bytes start with (the loaders pick nothing by name, but a
+    reader of the tar with webdataset decodes by extension)."""
+    for members in samples:
+        for m in members[1:]:
+            ext = frame_ext(bytes(buf[m.offset:m.offset + 8]))
+            if m.name.rsplit(".", 1)[-1] != ext:
+                problems.append(f"{tar}: frame {m.name} holds {ext.upper() if ext else 'neither JPEG nor PNG'} bytes, "
+                                "not what its extension says; rerun prepare")
+                return
 
 
 def _decode_all(tar: Path, buf, samples, problems: list[str]) -> None:
@@ -143,7 +159,7 @@ def verify(directory: str | os.PathLike, deep: bool = False) -> list[str]:
     reads = {name: _check_shard(directory, s, deep, problems) for name, s in shards.items()}
     groups = SPLIT_GROUPS[manifest["dataset"]]
     placed: dict[tuple[str, int], set[str]] = {}
-    for split in SPLITS:
+    for split in split_names(manifest["dataset"]):
         info = manifest["splits"][split]
         entries = info["tracklets"]
         counts = {"num_tracklets": len(entries), "num_frames": sum(e["num_frames"] for e in entries),
@@ -168,7 +184,27 @@ def verify(directory: str | os.PathLike, deep: bool = False) -> list[str]:
                                 "manifest: an entry was dropped; rerun prepare")
     _check_labels(path, manifest["splits"]["train"], problems)
     _check_queries(path, manifest, problems)
+    _check_person_splits(path, manifest, problems)
     return problems
+
+
+def _check_person_splits(path: Path, manifest: dict, problems: list[str]) -> None:
+    """Each person split: disjoint train and test persons that the manifest holds; every test person has a query
+    (camera 1) and a gallery (camera 2) tracklet, so that each query can be scored."""
+    persons = {e["pid"] for e in manifest["splits"]["train"]["tracklets"]}
+    queries = {e["pid"] for e in manifest["splits"]["query"]["tracklets"]}
+    gallery = {e["pid"] for e in manifest["splits"]["gallery"]["tracklets"]}
+    for i, split in enumerate(manifest.get("person_splits", [])):
+        train, test = set(split["train"]), set(split["test"])
+        unknown = sorted((train | test) - persons)
+        unmatched = sorted(test - (queries & gallery))
+        if train & test:
+            problems.append(f"{path}: person split {i} puts pids {sorted(train & test)[:3]} in both train and test")
+        if unknown:
+            problems.append(f"{path}: person split {i} names pids {unknown[:3]} that no tracklet carries")
+        elif unmatched and not manifest["skipped"]:
+            problems.append(f"{path}: person split {i} tests pids {unmatched[:3]} without both a query and a gallery "
+                            "tracklet")
 
 
 def _check_labels(path: Path, train: dict, problems: list[str]) -> None:
@@ -182,10 +218,11 @@ def _check_labels(path: Path, train: dict, problems: list[str]) -> None:
 
 
 def _check_queries(path: Path, manifest: dict, problems: list[str]) -> None:
-    """MARS: the query split is exactly the gallery tracklets marked query. DukeV: a gallery tracklet marked
-    query has its query copy (same key) in the query split, unless --skip-bad left that copy out."""
+    """MARS, LS-VID: the query split is exactly the gallery tracklets marked query. DukeV: a gallery tracklet marked
+    query has its query copy (same key) in the query split, unless --skip-bad left that copy out (iLIDS-VID and
+    PRID-2011 mark no gallery tracklet: their queries are the other camera's tracklets)."""
     query, gallery = manifest["splits"]["query"]["tracklets"], manifest["splits"]["gallery"]["tracklets"]
-    if manifest["dataset"] == "mars":
+    if manifest["dataset"] in ("mars", "lsvid"):
         marked = {(e["shard"], e["sample"]) for e in gallery if e.get("query")}
         if {(e["shard"], e["sample"]) for e in query} != marked:
             problems.append(f"{path}: the query split is not the set of gallery tracklets marked query")

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prepare.records import records_dir, save_record
-from prepare.tracklet import PrepareError, Tracklet, jpeg_problem
+from prepare.tracklet import PrepareError, Tracklet, frame_ext, frame_problem
 from stenvan import __version__
-from stenvan.shards import (BLOCK, FORMAT_NAME, FORMAT_VERSION, SPLITS, TAR_END, IndexedMember, atomic_write,
-                            format_index, frame_member, member_span, padded, seal_manifest, sha256_file, tar_header)
+from stenvan.shards import (BLOCK, FORMAT_NAME, TAR_END, IndexedMember, atomic_write, format_index, frame_member,
+                            manifest_version, member_span, padded, seal_manifest, sha256_file, split_names, tar_header)
 
 
 @dataclass
@@ -139,7 +139,7 @@ def write_shard(job: ShardJob, out_dir: str, skip_bad: bool, expect_sha256: str 
     work = records_dir(out_dir)
     tmp = work / f"{job.name}.{os.getpid()}.tmp"
     samples: list[list[IndexedMember]] = []
-    written, skipped = [], []
+    written, skipped, used = [], [], set()
     offset = 0
     try:
         digest = hashlib.sha256()
@@ -148,7 +148,7 @@ def write_shard(job: ShardJob, out_dir: str, skip_bad: bool, expect_sha256: str 
                 frames, problem = [], None
                 for path, size in zip(t.frames, t.sizes):
                     data = _read_file(path, size)
-                    problem = jpeg_problem(data, path)
+                    problem = frame_problem(data, path)
                     if problem:
                         break
                     frames.append(data)
@@ -158,7 +158,9 @@ def write_shard(job: ShardJob, out_dir: str, skip_bad: bool, expect_sha256: str 
                     skipped.append({"key": t.key, "group": t.group, "reason": problem})
                     continue
                 # One chunk per tracklet: header + data + padding of its JSON member, then of each frame.
-                names = [f"{t.key}.json"] + [frame_member(t.key, i) for i in range(len(frames))]
+                exts = [frame_ext(data) for data in frames]  # the frames' own formats: never re-encoded
+                used.update(exts)
+                names = [f"{t.key}.json"] + [frame_member(t.key, i, ext) for i, ext in enumerate(exts)]
                 parts, members, skip = [], [], len(t.key) + 1
                 for name, data in zip(names, [meta] + frames):
                     size = len(data)
@@ -188,7 +190,8 @@ def write_shard(job: ShardJob, out_dir: str, skip_bad: bool, expect_sha256: str 
         record = {"name": job.name, "index": job.index_name, "group": job.group, "plan_sha256": job.fingerprint,
                   "inputs_sha256": job.inputs, "sha256": sha256, "bytes": offset + len(TAR_END),
                   "index_sha256": hashlib.sha256(index.encode()).hexdigest(), "num_tracklets": len(samples),
-                  "num_frames": sum(len(s) - 1 for s in samples), "keys": written, "skipped": skipped}
+                  "num_frames": sum(len(s) - 1 for s in samples), "keys": written, "skipped": skipped,
+                  "exts": sorted(used)}
         # The record first: then every shard under its final name is one that a record of ours names.
         save_record(out_dir, record)
         os.replace(tmp, os.path.join(out_dir, job.name))
@@ -265,7 +268,10 @@ def run_jobs(jobs: list[ShardJob], out_dir: str, skip_bad: bool, workers: int, t
         bar.close()
 
 
-def build_manifest(dataset: str, jobs: list[ShardJob], records: dict[str, dict], scan_skipped: list[dict]) -> dict:
+def build_manifest(dataset: str, jobs: list[ShardJob], records: dict[str, dict], scan_skipped: list[dict],
+                   extra: dict | None = None) -> dict:
+    """The manifest of the finished shards; `extra`: dataset fields beside the splits (iLIDS-VID's and PRID-2011's
+    person_splits and their source). The version is the lowest that describes the dataset (stenvan.shards)."""
     shards, skipped = [], list(scan_skipped)
     placement: dict[tuple[str, str], tuple[str, int]] = {}  # (group, key) -> (shard, sample)
     for job in jobs:
@@ -278,7 +284,7 @@ def build_manifest(dataset: str, jobs: list[ShardJob], records: dict[str, dict],
     train_pids = sorted({t.pid for j in jobs for t in j.tracklets if "train" in t.splits
                          and (t.group, t.key) in placement})
     labels = {pid: label for label, pid in enumerate(train_pids)}
-    splits = {name: {"tracklets": []} for name in SPLITS}
+    splits = {name: {"tracklets": []} for name in split_names(dataset)}
     for job in jobs:
         for t in job.tracklets:
             if (t.group, t.key) not in placement:
@@ -294,5 +300,8 @@ def build_manifest(dataset: str, jobs: list[ShardJob], records: dict[str, dict],
         split["num_tracklets"] = len(entries)
         split["num_frames"] = sum(e["num_frames"] for e in entries)
     splits["train"]["labels"] = {str(pid): label for pid, label in labels.items()}
-    return seal_manifest({"format": FORMAT_NAME, "version": FORMAT_VERSION, "dataset": dataset,
-                          "writer": f"stenvan {__version__}", "shards": shards, "splits": splits, "skipped": skipped})
+    # Records of an earlier stenvan (before PNG members) hold JPEG frames only.
+    exts = {ext for job in jobs for ext in records[job.name].get("exts", ["jpg"])}
+    return seal_manifest({"format": FORMAT_NAME, "version": manifest_version(dataset, exts), "dataset": dataset,
+                          "writer": f"stenvan {__version__}", "shards": shards, "splits": splits, "skipped": skipped,
+                          **(extra or {})})

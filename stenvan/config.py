@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # --- run ---
     data: str = ""  # prepared shard folder (python -m prepare ...)
+    split: int = -1  # iLIDS-VID, PRID-2011: the person split 0..9 to train on (its train persons); -1: none
     out: str = "runs/default"  # run folder: config.yaml, checkpoints, metrics.jsonl, TensorBoard events
     seed: int = 0  # drives sampling, augmentation and initialisation
     device: str = "auto"  # auto | cpu | cuda (torchrun gives each process its LOCAL_RANK GPU)
@@ -88,6 +89,7 @@ class TrainConfig:
                 raise ConfigError(message)
 
         need(bool(self.data), "data: set the prepared shard folder (--data shards/mars)")
+        need(-1 <= self.split < 10, f"split={self.split}: person splits are numbered 0..9 (-1: the dataset has none)")
         need(self.clip_len >= 1, "clip_len must be at least 1")
         need(self.arch != "ste_nvan" or self.clip_len % 4 == 0,
              f"clip_len={self.clip_len}: STE-NVAN halves the frames twice, so clip_len must be a multiple of 4")

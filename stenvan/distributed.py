@@ -64,19 +64,21 @@ def use_sync_bn(setting: str, world: World) -> bool:
     return setting == "true"
 
 
-def rendezvous(world: World) -> dist.Store | None:
+def rendezvous(world: World, prefix: str = "") -> dist.Store | None:
     """The run's key-value store (None for a world of one), before any process group or CUDA context exists.
 
     The same TCPStore that `init_process_group("env://")` would use: torchrun's agent hosts it at
     MASTER_ADDR:MASTER_PORT (fresh for every restart of the workers), or rank 0 does without an agent. Making it
     opens a TCP connection and nothing else: no CUDA call, no NCCL or gloo communicator, so DALI's workers can
     still fork afterwards. `join` builds the process group on this store.
+    `prefix` keeps one run's keys (ours and its process group's) apart from another's in the same processes: the
+    10-split runner (stenvan.training.splits) trains one run per person split, one after the other, on one store.
     """
     if world.size == 1:
         return None
     store, _, _ = next(dist.rendezvous("env://", rank=world.rank, world_size=world.size, timeout=TIMEOUT))
     store.set_timeout(TIMEOUT)
-    return store
+    return dist.PrefixStore(prefix, store) if prefix else store
 
 
 def join(world: World, store: dist.Store | None = None) -> None:

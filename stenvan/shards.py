@@ -1,4 +1,4 @@
-"""The stenvan shard format (version 1): tar layout, DALI-compatible index files and the manifest.
+"""The stenvan shard format (versions 2 and 3): tar layout, DALI-compatible index files and the manifest.
 
 This module is shared by the writer (`prepare/`) and the readers (`stenvan.data`), so it imports nothing
 heavier than the standard library. The specification lives in `shards/FORMAT.md`; keep the two in step.
@@ -16,16 +16,28 @@ from pathlib import Path
 from typing import NamedTuple
 
 FORMAT_NAME = "stenvan-shards"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest version this code writes and reads
+# Version 3 adds PNG frame members, the datasets iLIDS-VID, PRID-2011 and LS-VID, person splits and LS-VID's val
+# split. A dataset that uses none of these (MARS or DukeV of JPEG frames) is still written as version 2, byte for
+# byte as before (so its fingerprint, and the checkpoints that recorded it, stay valid); readers read both.
+READ_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 INDEX_VERSION = "v1.2"  # DALI's wds2idx index format: "v1.2 N", then "ext offset size name ..." per sample
 BLOCK = 512  # tar block size
-SPLITS = ("train", "query", "gallery")
-FRAME_DIGITS = 5  # member "<key>.<frame:05d>.jpg": up to 99,999 frames per tracklet
-SHARD_NAME = re.compile(r"^(train|test|query|gallery)-\d{5}\.(tar|idx)$")
-# The shard groups of each dataset, and the group whose shards hold each manifest split.
+SPLITS = ("train", "query", "gallery")  # the manifest splits of every dataset (LS-VID adds "val")
+FRAME_DIGITS = 5  # member "<key>.<frame:05d>.<ext>": up to 99,999 frames per tracklet
+FRAME_EXTS = ("jpg", "png")  # a frame member's extension: the format of its bytes (original bytes, never re-encoded)
+SHARD_NAME = re.compile(r"^(train|test|query|gallery|val|all)-\d{5}\.(tar|idx)$")
+# The shard groups of each dataset, and the group whose shards hold each manifest split. iLIDS-VID and PRID-2011
+# keep every tracklet once, in the group "all": a person split decides which are train, query and gallery.
 SPLIT_GROUPS = {"mars": {"train": "train", "query": "test", "gallery": "test"},
-                "dukev": {"train": "train", "query": "query", "gallery": "gallery"}}
+                "dukev": {"train": "train", "query": "query", "gallery": "gallery"},
+                "ilidsvid": {"train": "all", "query": "all", "gallery": "all"},
+                "prid2011": {"train": "all", "query": "all", "gallery": "all"},
+                "lsvid": {"train": "train", "query": "test", "gallery": "test", "val": "val"}}
+VERSION_2_DATASETS = ("mars", "dukev")  # the datasets a version-2 manifest may describe
+PERSON_SPLIT_DATASETS = ("ilidsvid", "prid2011")  # datasets evaluated over person splits (10, numbered 0..9)
+NUM_PERSON_SPLITS = 10
 
 
 class ShardFormatError(Exception):
@@ -36,9 +48,19 @@ class ShardFormatError(Exception):
 # Tar members
 # ----------------------------------------------------------------------------------------------------------
 
-def frame_member(key: str, frame: int) -> str:
-    """Tar member name of frame `frame` (0-based) of tracklet `key`."""
-    return f"{key}.{frame:0{FRAME_DIGITS}d}.jpg"
+def frame_member(key: str, frame: int, ext: str = "jpg") -> str:
+    """Tar member name of frame `frame` (0-based) of tracklet `key`, whose bytes are a `ext` file (FRAME_EXTS)."""
+    return f"{key}.{frame:0{FRAME_DIGITS}d}.{ext}"
+
+
+def split_names(dataset: str) -> tuple[str, ...]:
+    """The manifest splits of a dataset: train, query, gallery (and LS-VID's val)."""
+    return tuple(SPLIT_GROUPS[dataset])
+
+
+def manifest_version(dataset: str, exts) -> int:
+    """The version a writer stamps: 2 for MARS/DukeV of JPEG frames only (unchanged bytes), else 3."""
+    return 2 if dataset in VERSION_2_DATASETS and set(exts) <= {"jpg"} else 3
 
 
 # The fields of a header that never change (mode, uid/gid, mtime, type, ustar magic), and what they add to
@@ -217,19 +239,21 @@ def check_manifest(manifest, path: str | os.PathLike) -> None:
                                " rerun the prepare command that wrote this folder")
     if manifest.get("format") != FORMAT_NAME:
         raise ShardFormatError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ShardFormatError(f"{path}: shard format version {manifest.get('version')!r}, this stenvan reads "
-                               f"version {FORMAT_VERSION}; re-prepare the dataset with this version (into a new "
-                               "folder, or delete this one first)")
+    version = manifest.get("version")
+    if version not in READ_VERSIONS:
+        raise ShardFormatError(f"{path}: shard format version {version!r}, this stenvan reads versions "
+                               f"{' and '.join(map(str, READ_VERSIONS))}; re-prepare the dataset with this version "
+                               "(into a new folder, or delete this one first)")
 
     def bad(what: str) -> ShardFormatError:
         return ShardFormatError(f"{path}: {what}; the manifest is damaged or was edited: rerun the prepare command "
                                 "that wrote it (it restores the manifest), or prepare the dataset again")
 
     _check_fields(manifest, _TOP_FIELDS, "the manifest", bad)
-    groups = SPLIT_GROUPS.get(manifest["dataset"])
-    if groups is None:
-        raise bad(f"dataset is {manifest['dataset']!r}, expected one of {sorted(SPLIT_GROUPS)}")
+    datasets = VERSION_2_DATASETS if version == 2 else tuple(SPLIT_GROUPS)
+    if manifest["dataset"] not in datasets:
+        raise bad(f"dataset is {manifest['dataset']!r}, expected one of {sorted(datasets)} (format version {version})")
+    groups = SPLIT_GROUPS[manifest["dataset"]]
     for i, shard in enumerate(manifest["shards"]):
         _check_fields(shard, _SHARD_FIELDS, f"shards[{i}]", bad)
         name = shard["name"]
@@ -238,21 +262,42 @@ def check_manifest(manifest, path: str | os.PathLike) -> None:
                 or not name.startswith(shard["group"] + "-") or shard["group"] not in groups.values():
             raise bad(f"shards[{i}] is {name!r} / {shard['index']!r} in group {shard['group']!r}, not a "
                       f"{manifest['dataset']} shard name")
-    for split in SPLITS:
+    for split in groups:
         if split not in manifest["splits"]:
             raise bad(f"split {split!r} missing")
+    if set(manifest["splits"]) - set(groups):
+        raise bad(f"splits {sorted(set(manifest['splits']) - set(groups))} are not {manifest['dataset']} splits")
+    for split in groups:
         info = manifest["splits"][split]
         _check_fields(info, _SPLIT_FIELDS, f"splits.{split}", bad)
         fields = {**_ENTRY_FIELDS, "label": int} if split == "train" else _ENTRY_FIELDS
         for j, entry in enumerate(info["tracklets"]):
             _check_fields(entry, fields, f"splits.{split}.tracklets[{j}]", bad)
     _check_fields(manifest["splits"]["train"], {"labels": dict}, "splits.train", bad)
+    _check_person_splits(manifest, bad)
     for j, entry in enumerate(manifest["skipped"]):
         _check_fields(entry, _SKIPPED_FIELDS, f"skipped[{j}]", bad)
     if manifest["manifest_sha256"] != manifest_sha256(manifest):
         raise ShardFormatError(f"{path}: its content does not match its manifest_sha256 (the file was edited or "
                                "damaged after prepare wrote it); rerun the prepare command that wrote it (it "
                                "restores the manifest), or prepare the dataset again")
+
+
+def _check_person_splits(manifest: dict, bad) -> None:
+    """iLIDS-VID and PRID-2011 carry their 10 person splits (lists of pids) and where they came from; no other
+    dataset has them."""
+    if manifest["dataset"] not in PERSON_SPLIT_DATASETS:
+        if "person_splits" in manifest:
+            raise bad(f"a {manifest['dataset']} manifest has no person_splits")
+        return
+    _check_fields(manifest, {"person_splits": list, "person_splits_source": str}, "the manifest", bad)
+    if len(manifest["person_splits"]) != NUM_PERSON_SPLITS:
+        raise bad(f"person_splits holds {len(manifest['person_splits'])} splits, expected {NUM_PERSON_SPLITS}")
+    for i, split in enumerate(manifest["person_splits"]):
+        _check_fields(split, {"train": list, "test": list}, f"person_splits[{i}]", bad)
+        for part in ("train", "test"):
+            if not all(isinstance(p, int) and not isinstance(p, bool) for p in split[part]):
+                raise bad(f"person_splits[{i}].{part} must be a list of integer pids")
 
 
 def load_manifest(directory: str | os.PathLike) -> dict:

@@ -61,7 +61,7 @@ MALFORMED = {
                     "splits.train.tracklets[0].pid is '7', expected an integer"),
     "shard outside the folder": (lambda m: m["shards"][0].update(name="../../etc/train-00000.tar"),
                                  "not a mars shard name"),
-    "format version 1": (lambda m: m.update(version=1), "shard format version 1, this stenvan reads version 2"),
+    "format version 1": (lambda m: m.update(version=1), "shard format version 1, this stenvan reads versions 2 and 3"),
     "edited, not resealed": (lambda m: m["splits"]["gallery"]["tracklets"][0].update(pid=99),
                              "does not match its manifest_sha256"),
 }

@@ -59,7 +59,9 @@ MARS_CASES = {
     "listed frame missing": (lambda t: frame_path(t).unlink(), ["does not exist"]),
     "zero-byte frame": (lambda t: frame_path(t).write_bytes(b""), ["zero-byte"]),
     "truncated frame": (lambda t: frame_path(t).write_bytes(frame_path(t).read_bytes()[:-100]), ["truncated"]),
-    "non-JPEG frame": (lambda t: frame_path(t).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100)), ["not a JPEG"]),
+    "non-JPEG frame": (lambda t: frame_path(t).write_bytes(b"GIF89a" + bytes(100)), ["neither a JPEG nor a PNG"]),
+    "broken PNG frame": (lambda t: frame_path(t).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100)),
+                         ["broken PNG"]),
     "frames disagree on camera": (lambda t: (t / "info" / "train_name.txt").write_bytes(
         "".join(n[:5] + ("9" if i == 3 else n[5]) + n[6:] + "\r\n" for i, n in enumerate(names(t))).encode()),
         ["bbox_train", "info row 2", "agree"]),
@@ -78,7 +80,7 @@ def test_bad_mars_input_is_one_clear_error(case, mars_tree, copy_tree, tmp_path,
     assert code == 2
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("*.tar")) and not list(out.glob(".*.tmp"))
-    if case in ("zero-byte frame", "truncated frame", "non-JPEG frame", "listed frame missing"):
+    if case in ("zero-byte frame", "truncated frame", "non-JPEG frame", "broken PNG frame", "listed frame missing"):
         assert str(frame_path(tree)) in line  # the full path of the broken file
 
 

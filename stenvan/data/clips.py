@@ -9,6 +9,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_PIXEL = tuple(round(255 * m) for m in IMAGENET_MEAN)  # the colour random erasing fills with (124, 116, 104)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def frame_size(data) -> tuple[int, int] | None:
+    """(height, width) of a JPEG (its SOF header) or a PNG (its IHDR chunk), None if neither says (the loaders
+    then resize, to be safe)."""
+    buf = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+    if len(buf) >= 24 and bytes(buf[:8]) == PNG_SIGNATURE and bytes(buf[12:16]) == b"IHDR":
+        return int.from_bytes(buf[20:24], "big"), int.from_bytes(buf[16:20], "big")
+    return jpeg_size(buf)
+
+
+def decode_rgb(data: torch.Tensor) -> torch.Tensor:
+    """A frame's encoded bytes (uint8 tensor: JPEG or PNG) -> RGB uint8 (3, h, w), decoded by torchvision (libjpeg
+    for JPEG, as before; libpng for PNG, lossless: the pixels of the file). A 16-bit PNG keeps its high byte."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    image = decode_image(data, mode=ImageReadMode.RGB)
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
+
+
 def jpeg_size(data) -> tuple[int, int] | None:
     """(height, width) from a JPEG's SOF header, or None if there is none (DALI then resizes, to be safe)."""
     buf = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
@@ -50,13 +73,12 @@ def as_clips(frames: torch.Tensor) -> torch.Tensor:
 
 def load_clip(table, store, spec, height: int, width: int) -> torch.Tensor:
     """Decode, resize (only frames not already H×W), crop, erase and flip one clip: uint8 (T, 3, H, W)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2.functional import InterpolationMode, resize
 
     frames = []
     for location in table.frame_locations(spec.tracklet, spec.frames):
         data = torch.from_numpy(store.read(*location).copy())
-        img = decode_jpeg(data, mode=ImageReadMode.RGB)  # (3, h, w) uint8
+        img = decode_rgb(data)  # (3, h, w) uint8
         if tuple(img.shape[1:]) != (height, width):
             img = resize(img, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
         frames.append(img)

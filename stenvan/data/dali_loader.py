@@ -1,5 +1,6 @@
 """The DALI pipeline: its samples are frames. A batch of B clips is B·T frames, clip i's frame t at position
-i·T + t, so ONE decoder (`mixed` = nvJPEG on a GPU, `cpu` without one) decodes all B·T frames of a batch at once
+i·T + t, so ONE decoder (`mixed` = nvJPEG on a GPU, `cpu` without one; PNG frames decode on the host in either
+mode) decodes all B·T frames of a batch at once
 (T decoders of B frames each would give nvJPEG batches of 4 frames at 8 GPUs). Each frame carries its clip's
 augmentation parameters, so resizing (only frames not already H×W), pad-and-crop, erasing, flipping and
 normalising apply per frame and identically to every frame of a clip. The output is HWC per frame: the
@@ -18,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from stenvan.data.clips import IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL, as_clips, jpeg_size
+from stenvan.data.clips import IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL, as_clips, frame_size
 from stenvan.data.lifeline import die_with_parent, forked_children_die_with_us
 from stenvan.data.table import ShardChangedError
 
@@ -71,10 +72,10 @@ class _SourceBase:
         return clip
 
     def frame(self, clip: tuple, t: int) -> tuple:
-        """Frame t of a clip from `_clip`: (encoded JPEG, needs_resize, the clip's outputs...)."""
+        """Frame t of a clip from `_clip`: (encoded JPEG or PNG, needs_resize, the clip's outputs...)."""
         locations, outputs = clip
         data = self.store.read(*locations[t])
-        return (data, np.array(jpeg_size(data) != (self.height, self.width)), *outputs)
+        return (data, np.array(frame_size(data) != (self.height, self.width)), *outputs)
 
 
 class TrainSource(_SourceBase):

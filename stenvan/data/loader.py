@@ -237,11 +237,14 @@ def build_train_loader(shard_dir, *, P: int, K: int, clip_len: int, height: int,
                        rank: int = 0, world_size: int = 1, backend: str = "dali",
                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, workers: int = 2,
                        flip_p: float = 0.5, pad: int = 0, erase_p: float = 0.0,
-                       batches_per_epoch: int | None = None) -> TrainLoader:
-    """The training loader over the `train` split of a shard folder (see the module docstring)."""
+                       batches_per_epoch: int | None = None, person_split: int | None = None,
+                       manifest: dict | None = None) -> TrainLoader:
+    """The training loader over the `train` split of a shard folder (see the module docstring); `person_split`
+    (iLIDS-VID, PRID-2011): that split's train persons only, labelled 0..n-1 (stenvan.person_splits). `manifest`:
+    the folder's, if the caller has loaded it already."""
     _check(backend, dtype, clip_len, height, width)
     device = torch.device(device)
-    table = TrackletTable.from_dir(shard_dir, "train")
+    table = TrackletTable.from_dir(shard_dir, "train", person_split, manifest)
     sampler = IdentitySampler(table.labels, P, K, seed, rank=rank, world_size=world_size,
                               batches_per_epoch=batches_per_epoch)
     plan = TrainPlan(sampler, table.num_frames, clip_len, Augment(height, width, flip_p, pad, erase_p))
@@ -325,14 +328,15 @@ class EvalLoader:
 def build_eval_loader(shard_dir, split: str, *, mode: str = "paper", clip_len: int, height: int, width: int,
                       batch_size: int, backend: str = "dali", device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32, workers: int = 2,
-                      table: TrackletTable | None = None) -> EvalLoader:
-    """Every tracklet of `split` ("train", "query" or "gallery") in order: `paper` = one clip of the first
-    frames of the T chunks; `dense` = every frame once, in clips that weigh each frame the same
-    (`sampling.dense_chunks`). `table`: that split's table, if the caller has read it already."""
+                      person_split: int | None = None, table: TrackletTable | None = None) -> EvalLoader:
+    """Every tracklet of `split` ("train", "query", "gallery"; LS-VID's "val") in order, of person split
+    `person_split` if given: `paper` = one clip of the first frames of the T chunks; `dense` = every frame once, in
+    clips that weigh each frame the same (`sampling.dense_chunks`). `table`: that split's table (of that person
+    split), if the caller has read it already."""
     _check(backend, dtype, clip_len, height, width)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    table = table if table is not None else TrackletTable.from_dir(shard_dir, split)
+    table = table if table is not None else TrackletTable.from_dir(shard_dir, split, person_split)
     return EvalLoader(table, eval_clips(table.num_frames, clip_len, mode), batch_size=batch_size, backend=backend,
                       device=torch.device(device), dtype=dtype, workers=workers, clip_len=clip_len, height=height,
                       width=width)

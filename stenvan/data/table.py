@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stenvan.shards import BLOCK, SPLITS, ShardFormatError, frame_member, load_manifest, read_index
+from stenvan.person_splits import Split, check_split, entries
+from stenvan.shards import BLOCK, FRAME_EXTS, ShardFormatError, frame_member, load_manifest, read_index, split_names
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class Tracklet:
     query: bool = False  # gallery flags from the manifest (False where the split has none)
     junk: bool = False
     distractor: bool = False
+
+
+FRAME_EXT_AT = len("00000.")  # a frame member's index extension is "<FFFFF>.<jpg|png>"
 
 
 class ShardChangedError(ShardFormatError):
@@ -125,7 +129,8 @@ class TrackletTable:
     def __init__(self, directory: Path, split: str, dataset: str, tracklets: list[Tracklet], num_ids: int,
                  shard_paths: list[str], shard_of: np.ndarray, starts: np.ndarray, offsets: np.ndarray,
                  sizes: np.ndarray, json_locs: np.ndarray, shard_bytes: list[int],
-                 shard_inodes: list[tuple[int, int]]):
+                 shard_inodes: list[tuple[int, int]], frame_exts: np.ndarray | None = None,
+                 person_split: Split = None):
         self.directory, self.split, self.dataset = directory, split, dataset
         self.tracklets, self.num_ids = tracklets, num_ids
         self.shard_paths = shard_paths  # absolute paths; index = shard id
@@ -134,6 +139,9 @@ class TrackletTable:
         self.shard_of = shard_of  # (N,) int32 shard id of each tracklet
         self.starts = starts  # (N+1,) int64
         self.frame_offsets, self.frame_sizes = offsets, sizes  # (total frames,) int64
+        # (total frames,) uint8: each frame member's extension, an index into FRAME_EXTS (JPEG or PNG bytes)
+        self.frame_exts = np.zeros(len(offsets), dtype=np.uint8) if frame_exts is None else frame_exts
+        self.person_split = person_split  # the person split the tracklets were chosen for (None: all of them)
         self.json_locs = json_locs  # (N, 2) int64: offset, size of each tracklet's JSON member
         self.labels = np.array([t.label for t in tracklets], dtype=np.int64)
         self.pids = np.array([t.pid for t in tracklets], dtype=np.int64)
@@ -160,8 +168,8 @@ class TrackletTable:
         """(shard id, offset, size, member name) of the given frames (0-based) of tracklet `index`:
         `store.read(*location)` reads one."""
         base, shard, key = self.starts[index], int(self.shard_of[index]), self.tracklets[index].key
-        return [(shard, int(self.frame_offsets[base + f]), int(self.frame_sizes[base + f]), frame_member(key, f))
-                for f in frames]
+        return [(shard, int(self.frame_offsets[base + f]), int(self.frame_sizes[base + f]),
+                 frame_member(key, f, FRAME_EXTS[self.frame_exts[base + f]])) for f in frames]
 
     def metadata(self, index: int, store: FrameStore | None = None) -> dict:
         """The tracklet's JSON member (original frame names, `source` folder, ...)."""
@@ -177,24 +185,26 @@ class TrackletTable:
                 self.frame_locations(index, range(int(self.num_frames[index])))]
 
     @classmethod
-    def from_dir(cls, shard_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> "TrackletTable":
+    def from_dir(cls, shard_dir: str | os.PathLike, split: str, person_split: Split = None,
+                 manifest: dict | None = None) -> "TrackletTable":
         """Read `manifest.json` (unless `manifest`, loaded by `load_manifest` from this folder, is given) and the
         `.idx` files of the shards the split uses, checking them on the way.
 
+        `person_split` (iLIDS-VID, PRID-2011: 0..9) narrows the split to that person split's tracklets and numbers
+        the train labels over its train persons (stenvan.person_splits); None takes the manifest split whole.
         Raises ShardFormatError naming the file for: a missing manifest/shard/index, a format version this code
         does not read, a shard whose size disagrees with the manifest, or an index that disagrees with it.
         """
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} is not valid; use one of {', '.join(map(repr, SPLITS))}")
         directory = Path(shard_dir)
         manifest = manifest if manifest is not None else load_manifest(directory)
         manifest_path = directory / "manifest.json"
-        try:
-            entry = manifest["splits"][split]
-            shards = {s["name"]: s for s in manifest["shards"]}
-            rows = entry["tracklets"]
-        except (KeyError, TypeError) as e:
-            raise ShardFormatError(f"{manifest_path}: missing field {e} (split {split!r}); rerun prepare") from None
+        if split not in split_names(manifest["dataset"]):
+            raise ValueError(f"split={split!r} is not valid for {manifest['dataset']}; use one of "
+                             f"{', '.join(map(repr, split_names(manifest['dataset'])))}")
+        if isinstance(person_split, int):
+            check_split(manifest, person_split)
+        shards = {s["name"]: s for s in manifest["shards"]}
+        rows = entries(manifest, split, person_split)
 
         # Each shard the split uses: present, of the manifest's size, with an index that matches it.
         shard_ids: dict[str, int] = {}
@@ -223,7 +233,7 @@ class TrackletTable:
             shard_ids[name] = len(indexes)
             indexes.append((idx_path, expected, index, (st.st_dev, st.st_ino)))
 
-        tracklets, shard_of, starts, offsets, sizes, json_locs = [], [], [0], [], [], []
+        tracklets, shard_of, starts, offsets, sizes, json_locs, exts = [], [], [0], [], [], [], []
         for row in rows:
             sid = shard_ids[row["shard"]]
             idx_path, shard_bytes, index, _ = indexes[sid]
@@ -232,8 +242,10 @@ class TrackletTable:
                 raise ShardFormatError(f"{idx_path}: no sample {sample} for tracklet {key}; rerun prepare")
             members = index[sample]
             names = [m.name for m in members]
+            frame_exts = [FRAME_EXTS.index(m.ext[FRAME_EXT_AT:]) if m.ext[FRAME_EXT_AT:] in FRAME_EXTS else 0
+                          for m in members[1:]]
             if len(members) != n + 1 or names[0] != f"{key}.json" or \
-                    any(names[i + 1] != frame_member(key, i) for i in range(n)):
+                    any(names[i + 1] != frame_member(key, i, FRAME_EXTS[e]) for i, e in enumerate(frame_exts)):
                 raise ShardFormatError(f"{idx_path}: sample {sample} holds {names[:2]}... ({len(members)} members),"
                                        f" expected {key}.json and {n} frames of {key}; index and manifest disagree,"
                                        " rerun prepare")
@@ -250,13 +262,15 @@ class TrackletTable:
             json_locs.append((members[0].offset, members[0].size))
             offsets.extend(m.offset for m in members[1:])
             sizes.extend(m.size for m in members[1:])
+            exts.extend(frame_exts)
             starts.append(starts[-1] + n)
         if any(t.num_frames < 1 for t in tracklets):
             bad = next(t.key for t in tracklets if t.num_frames < 1)
             raise ShardFormatError(f"{manifest_path}: tracklet {bad} has no frames; rerun prepare")
 
-        return cls(directory, split, manifest.get("dataset", "?"), tracklets, int(entry["num_ids"]),
+        num_ids = len({t.pid for t in tracklets if t.pid > 0})
+        return cls(directory, split, manifest["dataset"], tracklets, num_ids,
                    [str((directory / name).resolve()) for name in shard_ids], np.array(shard_of, dtype=np.int32),
                    np.array(starts, dtype=np.int64), np.array(offsets, dtype=np.int64),
                    np.array(sizes, dtype=np.int64), np.array(json_locs, dtype=np.int64).reshape(-1, 2),
-                   [i[1] for i in indexes], [i[3] for i in indexes])
+                   [i[1] for i in indexes], [i[3] for i in indexes], np.array(exts, dtype=np.uint8), person_split)

@@ -15,6 +15,8 @@ from stenvan.evaluation.plots import plot_cmc, plot_ranked_list
 from stenvan.evaluation.protocols import (
     PROTOCOLS,
     RANKS,
+    protocols_for,
+    selection_protocol,
     evaluate_all,
     evaluate_protocol,
     format_table,
@@ -31,5 +33,6 @@ from stenvan.evaluation.records import DISTRACTOR_PID, JUNK_PID, Tracklets
 __all__ = [
     "DISTRACTOR_PID", "JUNK_PID", "METRICS", "PROTOCOLS", "RANKS", "Tracklets", "evaluate_all",
     "evaluate_protocol", "format_table", "gallery_mask", "official", "pairwise_distance", "plot_cmc",
-    "plot_ranked_list", "query_distances", "scalar_metrics", "standard", "top_k_matches", "torchreid",
+    "plot_ranked_list", "protocols_for", "query_distances", "scalar_metrics", "selection_protocol", "standard",
+    "top_k_matches", "torchreid",
 ]

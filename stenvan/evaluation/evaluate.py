@@ -1,9 +1,11 @@
-"""Evaluate a model on a prepared dataset: features per tracklet, the three protocols, and the outputs.
+"""Evaluate a model on a prepared dataset: features per tracklet, the dataset's protocols, and the outputs.
 
 Features carry their labels: every feature row is built from the eval loader's (key, pid, camid) for that
 tracklet, and the protocols select queries and galleries from those labels, never from row positions.
-MARS: one record per test tracklet (the gallery split), queries marked by `query_IDX`. DukeV: the query
-split (not in the gallery) plus the gallery split, which holds its own copy of every query tracklet.
+MARS, LS-VID: one record per test tracklet (the gallery split), queries marked. DukeV: the query split (not in
+the gallery) plus the gallery split, which holds its own copy of every query tracklet. iLIDS-VID, PRID-2011: the
+query (camera 1) and gallery (camera 2) tracklets of one person split's test persons. LS-VID's val set: every
+val tracklet, each a query (stenvan.person_splits.eval_sets).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import torch
 
 from stenvan.amp import AMP_DTYPES
 from stenvan.amp import autocast as amp_autocast
-from stenvan.evaluation import Tracklets, evaluate_all, plot_cmc, plot_ranked_list, query_distances, top_k_matches
+from stenvan.evaluation import (Tracklets, evaluate_all, plot_cmc, plot_ranked_list, protocols_for, query_distances,
+                                top_k_matches)
+from stenvan.evaluation.leakage import ORIGINAL_RELEASE
 from stenvan.evaluation.protocols import scalar_metrics
+from stenvan.person_splits import Split, entries, eval_sets
 from stenvan.shards import atomic_write, load_manifest
 
 
@@ -37,13 +42,6 @@ class Evaluation:
     tables: dict  # split -> its TrackletTable (the frames, e.g. for thumbnails)
     stats: dict  # frames, seconds, frames_per_s of the feature extraction
 
-
-def eval_splits(manifest: dict) -> list[tuple[str, bool | None, bool]]:
-    """(split, is_query, in_gallery) for the splits whose tracklets become records; is_query None: per tracklet,
-    from its "query" flag."""
-    if manifest["dataset"] == "mars":
-        return [("gallery", None, True)]  # queries are gallery tracklets marked "query"
-    return [("query", True, False), ("gallery", False, True)]
 
 
 @contextlib.contextmanager
@@ -62,16 +60,17 @@ def channels_last(model: torch.nn.Module):
 @torch.no_grad()
 def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: str, clip_len: int, height: int,
                   width: int, device: torch.device, precision: str, loader: str = "dali", workers: int = 2,
-                  batch_size: int = 32, progress: bool = True, table=None) -> tuple[np.ndarray, dict]:
-    """Post-BN features (num_tracklets, 2048) of a split in manifest order. Dense: the mean of a tracklet's clip
-    features weighted by the distinct frames each clip holds, so that every frame weighs the same.
-    `table`: the split's TrackletTable, if the caller has read it already."""
+                  batch_size: int = 32, progress: bool = True, person_split: Split = None,
+                  table=None) -> tuple[np.ndarray, dict]:
+    """Post-BN features (num_tracklets, 2048) of a split (of person split `person_split`) in manifest order. Dense:
+    the mean of a tracklet's clip features weighted by the distinct frames each clip holds, so that every frame
+    weighs the same. `table`: the split's TrackletTable, if the caller has read it already."""
     from tqdm import tqdm
 
     from stenvan.data import TrackletTable, build_eval_loader
 
-    table = table if table is not None else TrackletTable.from_dir(shard_dir, split)
-    entries = table.tracklets
+    table = table if table is not None else TrackletTable.from_dir(shard_dir, split, person_split)
+    tracklets = table.tracklets
     batches = build_eval_loader(shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
                                 batch_size=batch_size, backend=loader, device=device, dtype=AMP_DTYPES[precision],
                                 workers=workers, table=table)
@@ -79,16 +78,16 @@ def extract_split(model: torch.nn.Module, shard_dir: str, split: str, *, mode: s
     def checked(stream):
         for batch in stream:
             for i, key, pid in zip(batch["tracklet"].tolist(), batch["keys"], batch["pids"].tolist()):
-                if entries[i].key != key or entries[i].pid != pid:  # never misattribute a feature
-                    raise RuntimeError(f"eval loader gave {key} (pid {pid}) for tracklet {i} = {entries[i].key}")
+                if tracklets[i].key != key or tracklets[i].pid != pid:  # never misattribute a feature
+                    raise RuntimeError(f"eval loader gave {key} (pid {pid}) for tracklet {i} = {tracklets[i].key}")
             yield batch
 
-    with batches, tqdm(total=len(entries), desc=f"features {split}", unit="tracklet",
+    with batches, tqdm(total=len(tracklets), desc=f"features {split}", unit="tracklet",
                        disable=None if progress else True) as bar:
-        features, stats = features_per_tracklet(model, checked(batches), len(entries), device=device,
+        features, stats = features_per_tracklet(model, checked(batches), len(tracklets), device=device,
                                                 precision=precision, bar=bar)
     if stats["missing"]:
-        missing = [entries[i].key for i in stats["missing"][:5]]
+        missing = [tracklets[i].key for i in stats["missing"][:5]]
         raise RuntimeError(f"eval loader skipped tracklets of {split}, e.g. {missing}")
     return features, {k: stats[k] for k in ("frames", "seconds", "frames_per_s")}
 
@@ -130,11 +129,12 @@ def features_per_tracklet(model: torch.nn.Module, batches, num_tracklets: int, *
     return (sums / weights.clamp_min(1)[:, None]).cpu().numpy(), stats
 
 
-def build_records(manifest: dict) -> tuple[Tracklets, list[tuple[str, int]]]:
-    """Records of every evaluated tracklet of a loaded manifest and, for each, its (split, index in that split)."""
+def build_records(manifest: dict, person_split: Split = None) -> tuple[Tracklets, list[tuple[str, int]]]:
+    """Records of every evaluated tracklet of a loaded manifest (of a person split, or LS-VID's "val") and, for each,
+    its (split, index in that split's entries)."""
     keys, pids, camids, is_query, in_gallery, origin = [], [], [], [], [], []
-    for split, query_flag, gallery_flag in eval_splits(manifest):
-        for i, e in enumerate(manifest["splits"][split]["tracklets"]):
+    for split, query_flag, gallery_flag in eval_sets(manifest, person_split):
+        for i, e in enumerate(entries(manifest, split, person_split)):
             keys.append(f"{split}/{e['key']}")
             pids.append(e["pid"])
             camids.append(e["camid"])
@@ -147,24 +147,28 @@ def build_records(manifest: dict) -> tuple[Tracklets, list[tuple[str, int]]]:
 
 def evaluate_model(model, shard_dir: str, *, mode: str, clip_len: int, height: int, width: int, device,
                    precision: str, loader: str = "dali", workers: int = 2, batch_size: int = 32,
-                   metric: str = "cosine", progress: bool = True) -> Evaluation:
-    """Features for every record, then the {"official", "standard", "torchreid"} results. The manifest is read and
-    checked once, and each evaluated split's table once (the loader and the thumbnails share it)."""
+                   metric: str = "cosine", progress: bool = True, split: Split = None,
+                   manifest: dict | None = None) -> Evaluation:
+    """Features for every record, then the dataset's protocols' results (stenvan.evaluation.protocols_for): MARS,
+    DukeV {"official", "standard", "torchreid"}; iLIDS-VID, PRID-2011 {"cross_camera"} of person split `split`;
+    LS-VID {"sinet", "bicnet"}, or {"bicnet"} on its val set (split "val"). The manifest is read and checked once
+    (or given: `load_manifest(shard_dir)`), and each evaluated split's table once (the loader and the thumbnails
+    share it)."""
     from stenvan.data import TrackletTable
 
-    manifest = load_manifest(shard_dir)
+    manifest = manifest if manifest is not None else load_manifest(shard_dir)
     parts, tables, stats = [], {}, {"frames": 0, "seconds": 0.0}
-    for split, _, _ in eval_splits(manifest):
-        tables[split] = TrackletTable.from_dir(shard_dir, split, manifest)
-        feats, s = extract_split(model, shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
+    for name, _, _ in eval_sets(manifest, split):
+        tables[name] = TrackletTable.from_dir(shard_dir, name, split, manifest)
+        feats, s = extract_split(model, shard_dir, name, mode=mode, clip_len=clip_len, height=height, width=width,
                                  device=device, precision=precision, loader=loader, workers=workers,
-                                 batch_size=batch_size, progress=progress, table=tables[split])
+                                 batch_size=batch_size, progress=progress, table=tables[name])
         parts.append(feats)
         stats["frames"] += s["frames"]
         stats["seconds"] += s["seconds"]
     features = np.concatenate(parts)
-    records, origin = build_records(manifest)
-    results = evaluate_all(features, records, metric=metric)
+    records, origin = build_records(manifest, split)
+    results = evaluate_all(features, records, metric=metric, names=protocols_for(manifest["dataset"], split))
     stats["frames_per_s"] = stats["frames"] / max(stats["seconds"], 1e-9)
     return Evaluation(results, features, records, origin, tables, stats)
 
@@ -212,7 +216,8 @@ def write_outputs(out_dir: str | os.PathLike, results: dict, evaluation: Evaluat
         pick = np.linspace(0, len(records.query_indices) - 1, num=min(num_queries_shown, len(records.query_indices)))
         rows = sorted(set(pick.astype(int).tolist()))
         shown = _subset_queries(records, rows)  # only the shown queries: their distances alone are computed
-        order, statuses = top_k_matches(query_distances(features, shown, metric), shown, "official", k=10)
+        drawn = next(iter(results)).removesuffix("_rerank")  # the dataset's first protocol (MARS: official)
+        order, statuses = top_k_matches(query_distances(features, shown, metric), shown, drawn, k=10)
         thumbs = thumbnails(evaluation.tables, evaluation.origin)
         query_thumbs = [thumbs(records.query_indices[r]) for r in rows]
         ranked = [[thumbs(j) for j in order[i]] for i in range(len(rows))]
@@ -277,7 +282,8 @@ def load_model_for_eval(checkpoint: str, original_arch: str | None, untrained: b
             model = load_original_checkpoint(state, original_arch)
         except (ValueError, RuntimeError) as e:
             raise CheckpointError(f"{checkpoint}: not an original {original_arch} checkpoint: {e}") from None
-        return model, {"arch": original_arch, "clip_len": 8, "height": 256, "width": 128, "source": "original"}
+        return model, {"arch": original_arch, "clip_len": 8, "height": 256, "width": 128, "source": "original",
+                       "trained_on": ORIGINAL_RELEASE}
     state = read_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
     torch.manual_seed(cfg.seed)  # the trainer's initial weights (what "untrained" means)
@@ -291,4 +297,5 @@ def load_model_for_eval(checkpoint: str, original_arch: str | None, untrained: b
             raise CheckpointError(f"{checkpoint}: does not fit a {cfg.arch} model with {state['num_classes']} classes "
                                   f"({str(e).splitlines()[0]}); it was written for another model") from None
     return model, {"arch": cfg.arch, "clip_len": cfg.clip_len, "height": cfg.height, "width": cfg.width,
-                   "source": "untrained" if untrained else "stenvan", "config": cfg}
+                   "source": "untrained" if untrained else "stenvan", "config": cfg,
+                   "trained_on": None if untrained else state.get("train_data")}

@@ -1,10 +1,17 @@
-"""The three evaluation protocols of design §5, as pure functions of (distance matrix, Tracklets).
+"""The evaluation protocols: design §5's three (MARS, DukeV) and those of iLIDS-VID, PRID-2011 and LS-VID, as pure
+functions of (distance matrix, Tracklets). `protocols_for(dataset, split)` names those a dataset reports.
 
 | name      | gallery                                    | queries scored         | AP                |
 |-----------|--------------------------------------------|------------------------|-------------------|
 | official  | in_gallery (MARS: all 12,180; −1 as junk)  | all                    | trapezoid (MATLAB)|
 | standard  | in_gallery minus label −1 (MARS: 11,310)   | all                    | non-interpolated  |
 | torchreid | in_gallery minus −1 minus queries (9,330)  | with a cross-cam match | non-interpolated  |
+
+iLIDS-VID, PRID-2011: `cross_camera`: the queries (camera 1 of a person split's test persons) against the gallery
+(their camera 2); each query has exactly one true match; non-interpolated AP (torchreid's eval_func).
+LS-VID, reported side by side (SINet's code vs BiCnet-TKS's and TF-CLIP's): `sinet`, gallery = test tracklets minus
+the queries; `bicnet`, gallery = every test tracklet, queries included. Both: junk −1 out, queries without a match
+skipped (as both codes do), non-interpolated AP. LS-VID's val set (every tracklet queries all): `bicnet`'s rule.
 
 Shared rules. Junk for a query = gallery items with label −1 plus items with the query's id *and* camera
 (this includes the query itself when it is in the gallery); junk is skipped, it neither counts as a hit
@@ -37,7 +44,7 @@ import numpy as np
 from stenvan.evaluation.distance import Metric, pairwise_distance
 from stenvan.evaluation.records import JUNK_PID, Tracklets
 
-ProtocolName = Literal["official", "standard", "torchreid"]
+ProtocolName = Literal["official", "standard", "torchreid", "cross_camera", "sinet", "bicnet"]
 RANKS = (1, 5, 10, 20)  # the rank-k columns every report carries
 _QUERY_CHUNK = 256  # queries ranked per step: bounds the (chunk × #records) boolean masks to a few MB
 
@@ -54,13 +61,33 @@ PROTOCOLS: dict[str, Protocol] = {
     "official": Protocol("trapezoid", drop_junk_label=False, drop_queries=False, skip_unmatched=False),
     "standard": Protocol("non_interpolated", drop_junk_label=True, drop_queries=False, skip_unmatched=False),
     "torchreid": Protocol("non_interpolated", drop_junk_label=True, drop_queries=True, skip_unmatched=True),
+}  # design §5's three (MARS, DukeV); the other datasets' protocols below
+OTHER_PROTOCOLS: dict[str, Protocol] = {
+    "cross_camera": Protocol("non_interpolated", drop_junk_label=True, drop_queries=True, skip_unmatched=False),
+    "sinet": Protocol("non_interpolated", drop_junk_label=True, drop_queries=True, skip_unmatched=True),
+    "bicnet": Protocol("non_interpolated", drop_junk_label=True, drop_queries=False, skip_unmatched=True),
 }
+ALL_PROTOCOLS = {**PROTOCOLS, **OTHER_PROTOCOLS}
+MARS_PROTOCOLS = tuple(PROTOCOLS)
+# The protocols each dataset reports, in report order (the first one's ranking is drawn in ranked_list.png).
+DATASET_PROTOCOLS = {"mars": MARS_PROTOCOLS, "dukev": MARS_PROTOCOLS, "ilidsvid": ("cross_camera",),
+                     "prid2011": ("cross_camera",), "lsvid": ("sinet", "bicnet"), "lsvid/val": ("bicnet",)}
+
+
+def protocols_for(dataset: str, split=None) -> tuple[str, ...]:
+    """The protocols reported for `dataset` (and for LS-VID's val set: split "val"), in report order."""
+    return DATASET_PROTOCOLS[f"{dataset}/val" if split == "val" else dataset]
+
+
+def selection_protocol(dataset: str, split=None) -> str:
+    """The protocol whose mAP selects models (best.pt): standard on MARS and DukeV, else the dataset's first."""
+    return "standard" if dataset in ("mars", "dukev") else protocols_for(dataset, split)[0]
 
 
 def _protocol(name: str) -> Protocol:
-    if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
-    return PROTOCOLS[name]
+    if name not in ALL_PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; valid: {', '.join(ALL_PROTOCOLS)}")
+    return ALL_PROTOCOLS[name]
 
 
 def gallery_mask(records: Tracklets, name: ProtocolName) -> np.ndarray:
@@ -173,10 +200,12 @@ def query_distances(features, records: Tracklets, metric: Metric = "cosine") -> 
     return pairwise_distance(features[records.query_indices], features, metric=metric)
 
 
-def evaluate_all(features, records: Tracklets, metric: Metric = "cosine") -> dict[str, dict]:
-    """{"official": {...}, "standard": {...}, "torchreid": {...}} from one distance matrix."""
+def evaluate_all(features, records: Tracklets, metric: Metric = "cosine",
+                 names: tuple[str, ...] = MARS_PROTOCOLS) -> dict[str, dict]:
+    """{name: {...}} for each protocol of `names` (default MARS's official, standard, torchreid), from one distance
+    matrix."""
     dist = query_distances(features, records, metric)
-    return {name: evaluate_protocol(dist, records, name) for name in PROTOCOLS}
+    return {name: evaluate_protocol(dist, records, name) for name in names}
 
 
 def top_k_matches(dist: np.ndarray, records: Tracklets, name: ProtocolName = "official", k: int = 10):

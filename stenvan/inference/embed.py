@@ -74,16 +74,15 @@ def _frames_in(folder: Path) -> list[Path]:
 
 def read_frame(path: str | os.PathLike) -> torch.Tensor:
     """A JPEG or PNG as RGB uint8 (3, h, w), decoded by torchvision (the same libjpeg as eval's torch loader)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.io import read_file
+
+    from stenvan.data.clips import decode_rgb
 
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        return decode_rgb(read_file(str(path)))  # the eval loaders' decoder (torch backend)
     except RuntimeError as e:  # torchvision reports unreadable, truncated or unknown files as RuntimeError
         raise InputError(f"{path}: cannot be decoded as a JPEG or PNG image ({str(e).splitlines()[0]}); replace or "
                          "remove the file") from None
-    if image.dtype != torch.uint8:  # 16-bit PNG
-        image = (image.to(torch.int32) >> 8).to(torch.uint8) if image.dtype == torch.uint16 else image.to(torch.uint8)
-    return image
 
 
 def resize_frame(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -219,11 +218,13 @@ class Embedder:
         """A split of prepared shards through eval.py's own extraction (stenvan.evaluation.evaluate.extract_split)."""
         from stenvan.data import TrackletTable
         from stenvan.evaluation.evaluate import extract_split, thumbnails
-        from stenvan.shards import SPLITS
+        from stenvan.shards import load_manifest, split_names
 
-        if split not in SPLITS:
-            raise InputError(f"split={split!r} is not valid; use one of {', '.join(SPLITS)}")
-        table = TrackletTable.from_dir(shard_dir, split)
+        manifest = load_manifest(shard_dir)
+        if split not in split_names(manifest["dataset"]):
+            raise InputError(f"split={split!r} is not valid for {manifest['dataset']}; use one of "
+                             f"{', '.join(split_names(manifest['dataset']))}")
+        table = TrackletTable.from_dir(shard_dir, split, manifest=manifest)
         features, _ = extract_split(self.model, str(shard_dir), split, mode=self.mode, clip_len=self.clip_len,
                                     height=self.height, width=self.width, device=self.device,
                                     precision=self.precision, loader=loader, workers=self.workers,

@@ -20,6 +20,7 @@ from stenvan.config import TrainConfig, config_from_dict
 
 # Config fields a resumed run must keep, and what each decides.
 MUST_KEEP = {
+    "split": "the person split: its train persons are the model's classes",
     "arch": "the model",
     "stem_relu": "the model's function (the weights were trained for it)",
     "stripes": "the model's function (the weights were trained for it)",

@@ -23,13 +23,16 @@ import torch
 from stenvan import distributed
 from stenvan.amp import AMP_DTYPES, resolve_precision
 from stenvan.amp import autocast as amp_autocast
-from stenvan.models.from_config import build_model_from_config
 from stenvan.checkpoint import CheckpointError, step_path
-from stenvan.training.checkpoint_writer import CheckpointWriter
 from stenvan.config import ConfigError, TrainConfig
+from stenvan.evaluation.leakage import training_record
+from stenvan.models.from_config import build_model_from_config
+from stenvan.models.sync_batchnorm import convert_sync_batchnorm
+from stenvan.person_splits import check_split
+from stenvan.shards import ShardFormatError, atomic_write, dataset_fingerprint, load_manifest
+from stenvan.training.checkpoint_writer import CheckpointWriter
 from stenvan.training.failures import Failures
 from stenvan.training.losses import ReIDLoss
-from stenvan.models.sync_batchnorm import convert_sync_batchnorm
 from stenvan.training.optim import build_optimizer, step_unless
 from stenvan.training.resume import agree_on_checkpoint
 from stenvan.training.resume_checks import check_resumable, restore_training_state
@@ -37,7 +40,6 @@ from stenvan.training.rng import rng_state, seed_everything, set_rng_state
 from stenvan.training.run_folder import claim_run_folder
 from stenvan.training.runlog import RunLog
 from stenvan.training.schedule import lr_factor
-from stenvan.shards import ShardFormatError, atomic_write, dataset_fingerprint, load_manifest
 from stenvan.training.step_meter import StepMeter
 
 
@@ -94,20 +96,27 @@ class Trainer:
         seed_everything(cfg.seed)
         from stenvan.data import build_train_loader
 
+        manifest = load_manifest(cfg.data)
+        self.split = cfg.split if cfg.split >= 0 else None  # iLIDS-VID, PRID-2011: the person split trained on
+        check_split(manifest, self.split, training=True)
         self.loader = build_train_loader(
             cfg.data, P=cfg.ids_per_batch, K=cfg.tracklets_per_id, clip_len=cfg.clip_len, height=cfg.height,
             width=cfg.width, seed=cfg.seed, rank=self.world.rank, world_size=self.world.size, backend=cfg.loader,
             device=self.world.device, dtype=AMP_DTYPES[self.precision], workers=cfg.workers, flip_p=cfg.flip_p,
-            pad=cfg.pad, erase_p=cfg.erase_p, batches_per_epoch=cfg.batches_per_epoch or None)
+            pad=cfg.pad, erase_p=cfg.erase_p, batches_per_epoch=cfg.batches_per_epoch or None, person_split=self.split,
+            manifest=manifest)
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.num_classes = self.loader.num_classes
-        self.dataset = dataset_fingerprint(load_manifest(cfg.data))  # stored in checkpoints, checked on resume
+        self.dataset = dataset_fingerprint(manifest)  # stored in checkpoints, checked on resume
+        # What the model learns, for eval.py's leakage check: the dataset, the split and its classes' identities.
+        self.train_data = training_record(manifest["dataset"], self.split, set(self.loader.table.pids.tolist()))
         bn_warning = check_batchnorm_share(self.loader.plan.sampler.ids_per_rank, self.loader.batch_size,
                                            self.world.size > 1 and not self.sync_bn and not cfg.freeze_bn)
         # Rank 0 claims the run folder (its lock, for the whole run) and picks the checkpoint, every rank loads
         # it; through torchrun's store, because this must happen before the loader forks and so before CUDA and
         # the process group exist (see stenvan.training.resume).
-        self.store = distributed.rendezvous(self.world)
+        # One store namespace per person split: the 10-split runner trains them one after another in these processes.
+        self.store = distributed.rendezvous(self.world, prefix="" if self.split is None else f"split{self.split}")
         checkpoint = agree_on_checkpoint(resume, self.run_dir, self.store, self.world.rank, self.world.size,
                                          claim=lambda: self._claim(fresh=resume is None), dataset=self.dataset,
                                          data=cfg.data)
@@ -173,7 +182,8 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "progress": vars(p).copy(), "meter": self.meter.values, "rng": rng_state(),
-                "world_size": self.world.size, "dataset": self.dataset, "precision": self.precision}
+                "world_size": self.world.size, "dataset": self.dataset, "precision": self.precision,
+                "train_data": self.train_data}
 
     def _claim(self, fresh: bool) -> None:
         """Rank 0, before the resume choice: lock the run folder for the whole run, clean what killed checkpoint
@@ -391,19 +401,22 @@ class Trainer:
         self._exclude_from_window(time.perf_counter() - start)
 
     def _evaluate(self) -> None:
+        from stenvan.evaluation import selection_protocol
         from stenvan.evaluation.evaluate import evaluate_model
 
         results = evaluate_model(self.model, self.cfg.data, mode=self.cfg.eval_mode, clip_len=self.cfg.clip_len,
                                  height=self.cfg.height, width=self.cfg.width, device=self.world.device,
-                                 precision=self.precision, loader=self.cfg.loader, workers=self.cfg.workers).results
+                                 precision=self.precision, loader=self.cfg.loader, workers=self.cfg.workers,
+                                 split=self.split).results
+        name = selection_protocol(self.train_data["dataset"])  # standard on MARS/DukeV
         scalars = {f"{proto}_{k}": v for proto, r in results.items() for k, v in r.items() if isinstance(v, float)}
         self.log.record("eval", self.progress.global_step, scalars,
-                        f"eval epoch {self.progress.epoch}: standard rank-1 {results['standard']['rank1']:.3f} "
-                        f"mAP {results['standard']['mAP']:.3f}")
-        if self.cfg.select_on_test and results["standard"]["mAP"] > self.progress.best_map:
-            self.progress.best_map = results["standard"]["mAP"]
-            self.writer.save(self.state(), path=self.run_dir / "best.pt", reason="best standard mAP")
-            self.log.info(f"best.pt: standard mAP {self.progress.best_map:.4f} (selected on the test set)")
+                        f"eval epoch {self.progress.epoch}: {name} rank-1 {results[name]['rank1']:.3f} "
+                        f"mAP {results[name]['mAP']:.3f}")
+        if self.cfg.select_on_test and results[name]["mAP"] > self.progress.best_map:
+            self.progress.best_map = results[name]["mAP"]
+            self.writer.save(self.state(), path=self.run_dir / "best.pt", reason=f"best {name} mAP")
+            self.log.info(f"best.pt: {name} mAP {self.progress.best_map:.4f} (selected on the test set)")
 
     def close(self) -> None:
         """Finish the in-flight checkpoint, stop the loader's workers, release the run folder (safe to call on a

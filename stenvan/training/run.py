@@ -1,0 +1,60 @@
+"""One training run from its config, start to end, as train.py runs it (and the person-split runner, for each
+split): every failure a user can cause ends in one line on stderr and an exit code, never a traceback.
+
+Exit codes: 0 finished or stopped cleanly by a signal (continue with --resume auto), 2 an error (bad config, data,
+checkpoint or run folder, another run holding --out, a shard changed under the run, a full disk), 3 stopped by
+non-finite losses.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from stenvan.checkpoint import CheckpointError
+from stenvan.config import ConfigError, TrainConfig
+from stenvan.distributed import DeviceError
+from stenvan.errors import RESUME_RETRY, describe_os_error, error_line
+from stenvan.lock import LockError
+from stenvan.shards import ShardFormatError
+from stenvan.training.resume import RankZeroError
+from stenvan.training.run_folder import RunFolderError
+
+# RuntimeError: torchvision could not download the ImageNet weights (its message says how to get the file);
+# FileNotFoundError: a --pretrained path that does not exist; ImportError: --loader dali without DALI.
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, LockError, RunFolderError, RankZeroError,
+               ValueError, FileNotFoundError, RuntimeError, ImportError)
+
+
+def error(line) -> int:
+    """Print train.py's one error line (a message, or an error whose message is one); exit code 2."""
+    print(f"train: error: {line}", file=sys.stderr)
+    return 2
+
+
+def train_run(cfg: TrainConfig, resume: str | None = None):
+    """Build the trainer and fit: (exit code, the run's Progress, or None if it never started)."""
+    from stenvan.training.failures import RankFailed
+    from stenvan.training.trainer import Trainer, TrainingStopped
+
+    try:
+        trainer = Trainer(cfg, resume=resume)
+    except USER_ERRORS as e:  # bad config, data, checkpoint, run folder, weights or device
+        return error(e), None
+    except OSError as e:  # --out not writable, a full disk: one line naming the path, no traceback
+        return error(describe_os_error(e, RESUME_RETRY)), None
+    code, progress = 0, None
+    try:
+        progress = trainer.fit()
+    except TrainingStopped as e:
+        print(f"train: stopped: {e}", file=sys.stderr)
+        code = 3
+    except (ShardFormatError, CheckpointError, RankFailed) as e:  # a shard changed under the run; a checkpoint
+        code = error(e)                                           # write that failed; the same on another rank
+    except OSError as e:
+        code = error(describe_os_error(e, RESUME_RETRY))
+    finally:
+        try:
+            trainer.close()  # waits for the checkpoint in flight, which may fail too
+        except (CheckpointError, OSError) as e:
+            code = code or error(error_line(e, RESUME_RETRY))
+    return code, progress
