@@ -10,7 +10,10 @@ with -untrained appended for --untrained). --rerank adds `official_rerank`, `sta
 `torchreid_rerank` (k-reciprocal re-ranking, Zhong et al. 2017) next to the plain results, never in their place.
 The outputs are written together (each to a temp file first, then all renamed into place): a full disk or a
 read-only --out ends in one line naming the file (exit 2) and leaves the folder as it was. A checkpoint without
-its .sha256 loads with a one-line warning (nothing can check its bytes).
+its .sha256 loads with a one-line warning (nothing can check its bytes). --out and --summary are checked before
+any work (stenvan.outputs): --out must be new, empty or an earlier evaluation (replaced only with --force), never
+an input or a folder holding anything else; --summary must be new or an earlier summary, which gets this
+evaluation under --label.
 """
 
 import argparse
@@ -44,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rerank-lambda", type=float, default=0.3, help="re-ranking: weight of the original distance")
     parser.add_argument("--summary", help="also merge the metrics into this JSON file under --label")
     parser.add_argument("--label", default="eval", help="key of this evaluation in --summary (e.g. trained)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier evaluation's outputs in --out")
     args = parser.parse_args(argv)
     if args.rerank and (args.rerank_k1 < 1 or args.rerank_k2 < 1 or not 0 <= args.rerank_lambda <= 1):
         print(f"eval: error: --rerank needs k1 >= 1, k2 >= 1 and 0 <= lambda <= 1 (got {args.rerank_k1}, "
@@ -58,10 +62,17 @@ def main(argv=None) -> int:
     from stenvan.evaluation import format_table
     from stenvan.shards import ShardFormatError
 
+    from stenvan.outputs import EVAL_FOLDER, EVAL_SUMMARY, check_output
+
     default_out = f"eval-{args.mode}" + ("-untrained" if args.untrained else "")
     out = Path(args.out or Path(args.checkpoint).parent / default_out)
     created = not out.exists()
     try:
+        # Before any work: the outputs never replace an input, nor anything but an earlier evaluation.
+        inputs = {"--checkpoint": args.checkpoint, "--data": args.data}
+        check_output(out, EVAL_FOLDER, inputs, args.force, command="eval.py")
+        if args.summary:
+            check_output(args.summary, EVAL_SUMMARY, {**inputs, "--out": out}, option="--summary", command="eval.py")
         device = describe(args.device).device
         precision = resolve_precision(args.precision, device)
         model, settings = load_model_for_eval(args.checkpoint, args.original_arch, args.untrained)

@@ -20,6 +20,7 @@ from stenvan.config import ConfigError, load_config
 from stenvan.distributed import DeviceError
 from stenvan.errors import RESUME_RETRY, describe_os_error, error_line
 from stenvan.lock import LockError
+from stenvan.outputs import RUN_FOLDER, OutputError, check_output
 from stenvan.resume import RankZeroError
 from stenvan.run_folder import RunFolderError
 from stenvan.shards import ShardFormatError
@@ -27,7 +28,7 @@ from stenvan.shards import ShardFormatError
 # RuntimeError: torchvision could not download the ImageNet weights (its message says how to get the file);
 # FileNotFoundError: a --pretrained path that does not exist; ImportError: --loader dali without DALI.
 USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, LockError, RunFolderError, RankZeroError,
-               ValueError, FileNotFoundError, RuntimeError, ImportError)
+               OutputError, ValueError, FileNotFoundError, RuntimeError, ImportError)
 
 
 def main(argv=None) -> int:
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides, data=args.data, out=args.out)
+        # Before any work: the run folder is new, empty or a run's, and never the dataset or inside it.
+        check_output(cfg.out, RUN_FOLDER, {"--data": cfg.data}, command="train.py")
         from stenvan.failures import RankFailed
         from stenvan.trainer import Trainer, TrainingStopped
 

@@ -18,6 +18,7 @@ import sys
 
 from prepare.tracklet import PrepareError
 from stenvan.errors import describe_os_error
+from stenvan.outputs import PREPARED_FOLDER, SYNTHETIC_FOLDER, OutputError, check_output
 from stenvan.shards import ShardFormatError
 
 RETRY = "rerun the same command (finished shards are kept)"  # how to carry on after an OSError's cause is fixed
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if args.command in ("mars", "dukev") else None
     try:
         return _run(args)
-    except (PrepareError, ShardFormatError, FileExistsError, ValueError) as e:
+    except (PrepareError, ShardFormatError, OutputError, FileExistsError, ValueError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -132,6 +133,7 @@ def _synthetic(args) -> int:
             scale = 1.0 if scale is None else scale
             sizes = scaled(args.layout, sizes, scale, scale if test_scale is None else test_scale)
         sizes = type(sizes)(**{**sizes.as_dict(), **overrides})
+    check_output(args.out, SYNTHETIC_FOLDER, command="prepare synthetic")  # before any work
     try:
         counts = generate(args.layout, args.out, args.ids, args.seed, args.min_len, args.max_len, sizes=sizes,
                           workers=args.workers, quirk_f0002=args.quirk_f0002, quirk_old_names=args.quirk_old_names)
@@ -159,6 +161,10 @@ def _run(args) -> int:
 
         if args.workers < 1:
             raise PrepareError("--workers must be at least 1")
+        # Before any work: never into the raw dataset, nor into a folder holding anything but prepare's output.
+        info_dir = getattr(args, "info_dir", None)
+        check_output(args.out, PREPARED_FOLDER, {"--data-dir": args.data_dir, "--info-dir": info_dir},
+                     command=f"prepare {args.command}")
         if args.command == "mars":
             from prepare.mars import scan_mars
 

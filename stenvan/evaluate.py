@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -176,14 +175,12 @@ OUTPUTS = ("metrics.json", "features.npz", "cmc.png", "ranked_list.png")
 
 def write_outputs(out_dir: str | os.PathLike, results: dict, features: np.ndarray, records: Tracklets,
                   origin: list[tuple[str, int]], shard_dir: str, metric: str, extra: dict, num_queries_shown: int = 6):
-    """metrics.json, features.npz, cmc.png and ranked_list.png in `out_dir`, written together: all of them into a
-    staging folder inside `out_dir` first, then each renamed into place (renames need no space), so a failure
-    (a full disk) leaves `out_dir` as it was, never a new metrics.json beside an older run's features."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / f".staging.{os.getpid()}.tmp"
-    staging.mkdir()
-    try:
+    """metrics.json, features.npz, cmc.png and ranked_list.png in `out_dir`, written together
+    (stenvan.outputs.written_together): a failure (a full disk) leaves `out_dir` as it was, never a new
+    metrics.json beside an older run's features."""
+    from stenvan.outputs import written_together
+
+    with written_together(out_dir, OUTPUTS) as staging:
         metrics = {**scalar_metrics(results), **extra}
         atomic_write(staging / "metrics.json", json.dumps(metrics, indent=1) + "\n")
         buffer = io.BytesIO()
@@ -200,14 +197,6 @@ def write_outputs(out_dir: str | os.PathLike, results: dict, features: np.ndarra
         ranked = [[thumbs(j) for j in order[i]] for i in range(len(rows))]
         titles = [str(records.keys[records.query_indices[r]]) for r in rows]
         plot_ranked_list(query_thumbs, ranked, statuses.tolist(), staging / "ranked_list.png", query_titles=titles)
-        for name in OUTPUTS:
-            os.replace(staging / name, out_dir / name)
-    except OSError as e:  # name the output that failed, not its temp file in the staging folder
-        if e.filename and Path(e.filename).parent == staging:
-            e.filename = str(out_dir / next((n for n in OUTPUTS if n in Path(e.filename).name), Path(e.filename).name))
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return metrics
 
 

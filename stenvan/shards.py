@@ -35,6 +35,24 @@ class ShardFormatError(Exception):
 # Tar members
 # ----------------------------------------------------------------------------------------------------------
 
+_NOT_IN_KEYS = re.compile(r"[./\\\s]")
+KEY_CHARS = 80  # "<key>.<FFFFF>.jpg" stays within a tar header's 100-byte name field
+
+
+def plain_key(key) -> bool:
+    """A tracklet key is a plain name: printable ASCII without a dot (the extension starts at the first dot),
+    a slash, a backslash or a space, at most KEY_CHARS long. Member names built from it (`<key>.json`,
+    `<key>.<FFFFF>.jpg`) are then plain file names that no tool extracts outside its folder."""
+    return (isinstance(key, str) and 0 < len(key) <= KEY_CHARS and key.isascii() and key.isprintable()
+            and not _NOT_IN_KEYS.search(key))
+
+
+def plain_shard_names(name, index) -> bool:
+    """`name` is a shard's plain file name of this folder (`<group>-NNNNN.tar`) and `index` its `.idx`."""
+    return (isinstance(name, str) and isinstance(index, str) and bool(SHARD_NAME.match(name))
+            and name.endswith(".tar") and index == name[:-4] + ".idx")
+
+
 def frame_member(key: str, frame: int) -> str:
     """Tar member name of frame `frame` (0-based) of tracklet `key`."""
     return f"{key}.{frame:0{FRAME_DIGITS}d}.jpg"
@@ -242,8 +260,8 @@ def check_manifest(manifest, path: str | os.PathLike) -> None:
         _check_fields(shard, _SHARD_FIELDS, f"shards[{i}]", bad)
         name = shard["name"]
         # Names are plain file names of this folder: never a path that could point elsewhere.
-        if not SHARD_NAME.match(name) or not name.endswith(".tar") or shard["index"] != name[:-4] + ".idx" \
-                or not name.startswith(shard["group"] + "-") or shard["group"] not in groups.values():
+        if not plain_shard_names(name, shard["index"]) or not name.startswith(shard["group"] + "-") \
+                or shard["group"] not in groups.values():
             raise bad(f"shards[{i}] is {name!r} / {shard['index']!r} in group {shard['group']!r}, not a "
                       f"{manifest['dataset']} shard name")
     for split in SPLITS:
@@ -254,6 +272,8 @@ def check_manifest(manifest, path: str | os.PathLike) -> None:
         fields = {**_ENTRY_FIELDS, "label": int} if split == "train" else _ENTRY_FIELDS
         for j, entry in enumerate(info["tracklets"]):
             _check_fields(entry, fields, f"splits.{split}.tracklets[{j}]", bad)
+            if not plain_key(entry["key"]):  # member names are built from it: never a path
+                raise bad(f"splits.{split}.tracklets[{j}].key is {entry['key'][:100]!r}, not a plain tracklet key")
     _check_fields(manifest["splits"]["train"], {"labels": dict}, "splits.train", bad)
     for j, entry in enumerate(manifest["skipped"]):
         _check_fields(entry, _SKIPPED_FIELDS, f"skipped[{j}]", bad)
