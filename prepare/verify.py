@@ -93,15 +93,15 @@ def _read_json(tar: Path, buf, members, problems: list[str]) -> dict | None:
 
 
 def _decode_all(tar: Path, buf, samples, problems: list[str]) -> None:
-    from PIL import Image
+    """Decode every frame with the decoder of the loaders' rule (stenvan.data.decode), not another library's."""
+    from stenvan.data.decode import FrameDecodeError, decode_frame
 
     for members in samples:
         for m in members[1:]:
             try:
-                with Image.open(io.BytesIO(bytes(buf[m.offset:m.offset + m.size]))) as image:
-                    image.load()
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a problem to report
-                problems.append(f"{tar}: frame {m.name} does not decode ({e})")
+                decode_frame(bytes(buf[m.offset:m.offset + m.size]), f"{tar}: frame {m.name}")
+            except FrameDecodeError as e:
+                problems.append(str(e))
 
 
 def _check_entry(directory: Path, split: str, e: dict, shard: dict | None, read, problems: list[str]) -> None:

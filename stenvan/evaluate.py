@@ -208,10 +208,10 @@ def _subset_queries(records: Tracklets, rows: list[int]) -> Tracklets:
 
 
 def _thumbnails(shard_dir: str, origin: list[tuple[str, int]]):
-    """record index -> the tracklet's first frame as a 64x32 RGB thumbnail (read from its shard by offset)."""
-    from PIL import Image
-
+    """record index -> the tracklet's first frame as a 64x32 RGB uint8 thumbnail (read from its shard by offset)."""
     from stenvan.data import TrackletTable
+    from stenvan.data.clips import resize_frame
+    from stenvan.data.decode import decode_frame
 
     tables: dict[str, tuple] = {}
 
@@ -221,9 +221,9 @@ def _thumbnails(shard_dir: str, origin: list[tuple[str, int]]):
             table = TrackletTable.from_dir(shard_dir, split)
             tables[split] = (table, table.store())
         table, store = tables[split]
-        data = store.read(*table.frame_locations(i, [0])[0]).tobytes()
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB").resize((32, 64), Image.BILINEAR))
+        location = table.frame_locations(i, [0])[0]
+        frame = decode_frame(store.read(*location), location[3])  # the loaders' decoding rule (EXIF ignored)
+        return resize_frame(frame, 64, 32).permute(1, 2, 0).numpy()
 
     return thumb
 
