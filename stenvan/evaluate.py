@@ -235,6 +235,7 @@ def load_model_for_eval(checkpoint: str, original_arch: str | None, untrained: b
     untrained=True builds the same model with the run's seed and initial weights, without loading any.
     """
     from stenvan.checkpoint import CheckpointError, read_checkpoint
+    from stenvan.errors import torch_load_error
     from stenvan.config import config_from_dict
     from stenvan.builders import build_model_from_config
 
@@ -246,7 +247,8 @@ def load_model_for_eval(checkpoint: str, original_arch: str | None, untrained: b
         except FileNotFoundError:
             raise CheckpointError(f"{checkpoint}: checkpoint not found") from None
         except Exception as e:  # noqa: BLE001 - torch raises many types for a file it cannot read
-            raise CheckpointError(f"{checkpoint}: cannot be loaded as a PyTorch state dict ({type(e).__name__})") from None
+            raise CheckpointError(torch_load_error(checkpoint, e, "a PyTorch state dict", "pass the original "
+                                                   "project's released .pth file")) from None
         try:
             model = load_original_checkpoint(state, original_arch)
         except (ValueError, RuntimeError) as e:
