@@ -283,6 +283,22 @@ def check_manifest(manifest, path: str | os.PathLike) -> None:
                                "restores the manifest), or prepare the dataset again")
 
 
+def _no_manifest(directory: Path) -> str:
+    """Why a folder has no manifest: an unfinished prepare (its records are there), a raw dataset, or neither."""
+    path = directory / MANIFEST
+    if (directory / ".prepare").is_dir():
+        return (f"{path}: missing; `python -m prepare` writes it last, so the dataset is not fully prepared: rerun "
+                "the same prepare command to finish it")
+    names = set(os.listdir(directory))
+    raw = "mars" if {"bbox_train", "bbox_test"} <= names else "dukev" if {"train", "query", "gallery"} <= names \
+        else None
+    if raw:
+        return (f"{directory}: a raw {raw} dataset folder, not a prepared one (no {MANIFEST}); prepare it first: "
+                f"python -m prepare {raw} --data-dir {directory} --out shards/{raw}")
+    return (f"{directory}: not a prepared dataset (no {MANIFEST}, no prepare records); pass a folder written by "
+            "`python -m prepare mars|dukev ... --out DIR`")
+
+
 def load_manifest(directory: str | os.PathLike) -> dict:
     """Load and check `manifest.json` of a prepared dataset directory (structure and content hash)."""
     path = Path(directory) / MANIFEST
@@ -291,8 +307,7 @@ def load_manifest(directory: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ShardFormatError(f"{path}: missing; `python -m prepare` writes it last, so the dataset is not "
-                               "fully prepared: rerun the same prepare command to finish it") from None
+        raise ShardFormatError(_no_manifest(Path(directory))) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e}); rerun prepare") from None
     except OSError as e:

@@ -115,6 +115,30 @@ def test_same_frames_with_new_file_times_are_checked_not_refused(mars_tree, fini
     assert "checking" not in capsys.readouterr().err
 
 
+def test_new_frame_times_alone_leave_every_file_in_place(mars_tree, finished, copy_tree, capsys):
+    """A copy or rsync without -p gives every frame new times: the rerun checks the bytes and, finding them the
+    same, leaves each shard, index and the manifest as they were (same inode and time), so that a job reading
+    the dataset goes on; the old code renamed a rewritten copy of each shard into place ("shard replaced")."""
+    from stenvan.data import TrackletTable
+
+    tree, out = copy_tree(mars_tree, "tree"), copy_tree(finished, "out")
+    for frame in tree.rglob("*.jpg"):
+        os.utime(frame, ns=(10**18, 10**18))
+    files = sorted(p for p in out.iterdir() if p.is_file() and p.name != ".lock")
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    tables = [TrackletTable.from_dir(out, split) for split in ("train", "gallery")]  # a training and an eval job
+    capsys.readouterr()
+    assert rerun(tree, out) == 0
+    err = capsys.readouterr().err
+    assert "with changed frame times" in err and "up to date" in err, err
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
+    for table in tables:
+        table.check_shards()  # ShardChangedError for a replaced shard
+    capsys.readouterr()
+    assert rerun(tree, out) == 0  # the new times are recorded: now a plain no-op
+    assert "checking" not in capsys.readouterr().err
+
+
 def test_prepare_never_deletes_files_it_did_not_write(mars_tree, tmp_path, capsys):
     out = tmp_path / "out"
     shard_mars(mars_tree, out, "--shard-size", "200KB")
