@@ -133,8 +133,12 @@ def build_records(manifest: dict) -> tuple[Tracklets, list[tuple[str, int]]]:
 def evaluate_model(model, shard_dir: str, *, mode: str, clip_len: int, height: int, width: int, device,
                    precision: str, loader: str = "dali", workers: int = 2, batch_size: int = 32,
                    metric: str = "cosine", return_features: bool = False, progress: bool = True):
-    """Features for every record, then {"official", "standard", "torchreid"} results."""
+    """Features for every record, then {"official", "standard", "torchreid"} results. A dataset without gallery
+    tracklets is refused before any feature is computed (every query would score 0)."""
     manifest = load_manifest(shard_dir)
+    if not manifest["splits"]["gallery"]["tracklets"]:
+        raise ValueError(f"{shard_dir}: its gallery split is empty: there is nothing to rank the queries against; "
+                         "evaluate a dataset whose test tracklets were prepared (see `python -m prepare inspect`)")
     parts, stats = [], {"frames": 0, "seconds": 0.0}
     for split, _, _ in eval_splits(manifest):
         feats, s = extract_split(model, shard_dir, split, mode=mode, clip_len=clip_len, height=height, width=width,
@@ -182,7 +186,7 @@ def write_outputs(out_dir: str | os.PathLike, results: dict, features: np.ndarra
 
     with written_together(out_dir, OUTPUTS) as staging:
         metrics = {**scalar_metrics(results), **extra}
-        atomic_write(staging / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+        atomic_write(staging / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False) + "\n")
         buffer = io.BytesIO()
         np.savez(buffer, keys=records.keys, pids=records.pids, camids=records.camids, is_query=records.is_query,
                  features=features.astype(np.float32))

@@ -12,6 +12,7 @@ step's checkpoint (`stenvan.failures`).
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -396,7 +397,8 @@ class Trainer:
         results = evaluate_model(self.model, self.cfg.data, mode=self.cfg.eval_mode, clip_len=self.cfg.clip_len,
                                  height=self.cfg.height, width=self.cfg.width, device=self.world.device,
                                  precision=self.precision, loader=self.cfg.loader, workers=self.cfg.workers)
-        scalars = {f"{proto}_{k}": v for proto, r in results.items() for k, v in r.items() if isinstance(v, float)}
+        scalars = {f"{proto}_{k}": v for proto, r in results.items() for k, v in r.items()
+                   if isinstance(v, float) and math.isfinite(v)}  # NaN: nothing to score (JSON has no NaN)
         self.log.record("eval", self.progress.global_step, scalars,
                         f"eval epoch {self.progress.epoch}: standard rank-1 {results['standard']['rank1']:.3f} "
                         f"mAP {results['standard']['mAP']:.3f}")
