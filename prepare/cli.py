@@ -194,4 +194,4 @@ def _run(args) -> int:
 
     summary = summarize(args.dir)
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
-    return 0
+    return 1 if summary["problems"] else 0  # as verify: a dataset whose shards are not the manifest's

@@ -11,16 +11,13 @@ its dataset puts it in, train labels must follow the pids, and the query marks m
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import mmap
 import os
 from pathlib import Path
 
-from stenvan.shards import (BLOCK, SPLIT_GROUPS, SPLITS, ShardFormatError, load_manifest, padded, read_index,
-                            sha256_file)
-
-FLAGS = ("query", "junk", "distractor")
+from stenvan.shards import (BLOCK, SPLIT_GROUPS, SPLITS, ShardFormatError, frame_member, label_problems,
+                            load_manifest, member_differences, member_name_problem, padded, read_index, sha256_file)
 
 
 def walk_tar(buf) -> list[tuple[str, int, int]]:
@@ -63,6 +60,12 @@ def _check_shard(directory: Path, shard: dict, deep: bool, problems: list[str]) 
             members = walk_tar(buf)
         except ValueError as e:
             problems.append(f"{tar}: {e}; rerun prepare")
+            return None
+        named = [(name, member_name_problem(name)) for name, _, _ in members]
+        bad = [f"{name!r} {problem}" for name, problem in named if problem]
+        if bad:  # the shards are advertised as plain tars for other tools: never one that escapes its folder
+            problems.append(f"{tar}: member {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; this "
+                            "is not a shard prepare wrote: rerun prepare")
             return None
         indexed = [(m.name, m.offset, m.size) for s in samples for m in s]
         if members != indexed:
@@ -113,8 +116,10 @@ def _check_entry(directory: Path, split: str, e: dict, shard: dict | None, read,
     if read is None:
         return  # the shard's own problem is reported already
     samples, metas = read
-    if not 0 <= e["sample"] < len(samples) or samples[e["sample"]][0].name != f"{e['key']}.json":
-        problems.append(f"{directory / e['shard']}: sample {e['sample']} is not tracklet {e['key']}")
+    names = [m.name for m in samples[e["sample"]]] if 0 <= e["sample"] < len(samples) else []
+    if names[:1] != [f"{e['key']}.json"] or names[1:] != [frame_member(e["key"], i) for i in range(len(names) - 1)]:
+        problems.append(f"{directory / e['shard']}: sample {e['sample']} is not tracklet {e['key']} (its members "
+                        "are not named <key>.json, <key>.00000.jpg, ...)")
         return
     if len(samples[e["sample"]]) - 1 != e["num_frames"]:
         problems.append(f"{directory / e['shard']}: tracklet {e['key']} holds {len(samples[e['sample']]) - 1} "
@@ -122,10 +127,7 @@ def _check_entry(directory: Path, split: str, e: dict, shard: dict | None, read,
     meta = metas[e["sample"]]
     if meta is None:
         return
-    differ = [f"{f} {e.get(f)!r} (shard: {meta.get(f)!r})" for f in ("key", "pid", "camid", "num_frames")
-              if meta.get(f) != e.get(f)]
-    differ += [f"{f} {bool(e.get(f))} (shard: {bool(meta.get(f))})" for f in FLAGS
-               if bool(meta.get(f)) != bool(e.get(f))]
+    differ = member_differences(e, meta)
     if differ:
         problems.append(f"{where}: the manifest says {', '.join(differ)}; the manifest was edited or is wrong, "
                         "rerun prepare")
@@ -172,13 +174,7 @@ def verify(directory: str | os.PathLike, deep: bool = False) -> list[str]:
 
 
 def _check_labels(path: Path, train: dict, problems: list[str]) -> None:
-    """Train labels are 0..n-1 in ascending pid order, the same in the label map and in every entry."""
-    expected = {pid: label for label, pid in enumerate(sorted({e["pid"] for e in train["tracklets"]}))}
-    if train["labels"] != {str(pid): label for pid, label in expected.items()}:
-        problems.append(f"{path}: train.labels is not the ascending-pid numbering of the train identities")
-    wrong = [e["key"] for e in train["tracklets"] if e["label"] != expected[e["pid"]]]
-    if wrong:
-        problems.append(f"{path}: train tracklets {wrong[:3]} carry labels that do not follow their pids")
+    problems += [f"{path}: {p}" for p in label_problems(train)]
 
 
 def _check_queries(path: Path, manifest: dict, problems: list[str]) -> None:

@@ -283,6 +283,48 @@ def check_manifest(manifest, path: str | os.PathLike) -> None:
                                "restores the manifest), or prepare the dataset again")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Checks that the content hash cannot make: it is an unkeyed sha256, so it detects damage and edits made without
+# recomputing it, not an edit whose hash was recomputed. Readers check what is cheap against the shards.
+# ----------------------------------------------------------------------------------------------------------
+
+MEMBER_FLAGS = ("query", "junk", "distractor")
+
+
+def label_problems(train: dict) -> list[str]:
+    """Train labels must be 0..n-1 in ascending pid order, the same in `labels` and in every entry: a label of
+    99 among 10 identities would silently build a classifier of 100 classes."""
+    expected = {pid: label for label, pid in enumerate(sorted({e["pid"] for e in train["tracklets"]}))}
+    problems = []
+    if train["labels"] != {str(pid): label for pid, label in expected.items()}:
+        problems.append("train.labels is not the ascending-pid numbering 0..n-1 of the train identities")
+    wrong = [e["key"] for e in train["tracklets"] if e["label"] != expected[e["pid"]]]
+    if wrong:
+        problems.append(f"train tracklets {wrong[:3]} carry labels that do not follow their pids")
+    return problems
+
+
+def member_differences(entry: dict, meta: dict) -> list[str]:
+    """How a manifest entry differs from its tracklet's JSON member in the shard (key, pid, camera, frame count,
+    query/junk/distractor marks): e.g. ["pid 99 (shard: 17)"]."""
+    differ = [f"{f} {entry.get(f)!r} (shard: {meta.get(f)!r})" for f in ("key", "pid", "camid", "num_frames")
+              if meta.get(f) != entry.get(f)]
+    return differ + [f"{f} {bool(entry.get(f))} (shard: {bool(meta.get(f))})" for f in MEMBER_FLAGS
+                     if bool(meta.get(f)) != bool(entry.get(f))]
+
+
+def member_name_problem(name: str) -> str | None:
+    """Why a tar member name is not one prepare writes (a plain `<key>.json` / `<key>.<FFFFF>.jpg` file name),
+    or None. An absolute name or one with '..' makes tools that extract the tar write outside their folder."""
+    if name.startswith("/"):
+        return "is absolute: tools extracting the tar would write it outside their folder"
+    if ".." in name.split("/"):
+        return "climbs out with '..': tools extracting the tar would write it outside their folder"
+    if "/" in name or "\\" in name or not plain_key(name.split(".", 1)[0]):
+        return "is not a plain file name of the format (<key>.json, <key>.<FFFFF>.jpg)"
+    return None
+
+
 def _no_manifest(directory: Path) -> str:
     """Why a folder has no manifest: an unfinished prepare (its records are there), a raw dataset, or neither."""
     path = directory / MANIFEST
