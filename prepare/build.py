@@ -1,12 +1,14 @@
 """One `prepare mars|dukev` run into an output folder: lock it, then build, continue or check the dataset there.
 
-- A new (or foreign, but collision-free) folder: every shard is written, then the manifest.
+- A new or empty folder (`python -m prepare` refuses any other one before the scan, `stenvan.outputs`): every
+  shard is written, then the manifest.
 - An unfinished run (records in `.prepare/`, no manifest): shards whose record, plan, input and bytes still
   match are kept, the others written; files that the records name but the new plan does not are removed.
 - A finished dataset (a manifest): it is never changed piecemeal. The same command on the same input is a
   verified no-op ("up to date": every shard's sha256 is checked); a damaged shard or manifest is restored,
-  but only with bytes identical to the recorded ones. Changed input (tracklets, frame names or sizes, or
-  frame bytes) or changed options are refused with one line, and the dataset stays as it was.
+  but only with bytes identical to the recorded ones; a shard whose frames only have new times is checked and
+  left in place. Changed input (tracklets, frame names or sizes, or frame bytes) or changed options are refused
+  with one line, and the dataset stays as it was.
 
 Nothing is deleted that our records do not name, and an output folder has one writer at a time
 (`stenvan.lock`).

@@ -48,8 +48,8 @@ def torch_load_error(path, e: BaseException, expected: str, advice: str) -> str:
     if code:
         return (f"{path}: refused: the file holds pickled Python code ({code.group(1)}), not only tensors: "
                 f"{expected} never does, and stenvan never runs code from a file; {advice}")
-    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text:
-        detail = "not a PyTorch file, or a damaged one"
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text or "mmap can only be used" in text:
+        detail = "not a PyTorch file, or a damaged one"  # (torch's own text advises unsafe or useless steps)
     else:
         detail = f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"
     return f"{path}: cannot be loaded as {expected} ({detail}); {advice}"
