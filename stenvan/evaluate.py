@@ -13,7 +13,6 @@ import io
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

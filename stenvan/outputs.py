@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows file systems)
-IGNORED = {".lock"}  # a stale lock of ours makes no folder foreign (its own check is stenvan.lock's)
+# A stale lock of ours (and the temp file of a lock being taken) makes no folder foreign: stenvan.lock checks them.
+IGNORED = re.compile(r"^\.lock(\.\d+\.[0-9a-f]+\.tmp)?$")
 
 
 class OutputError(ValueError):
@@ -171,7 +172,7 @@ def describe(path: Path) -> str:
         for kind in (PREPARED_FOLDER, RUN_FOLDER, EVAL_FOLDER, SEARCH_FOLDER, SYNTHETIC_FOLDER):
             if _safe(kind.recognise, path):
                 return kind.what
-        names = [n for n in os.listdir(path) if n not in IGNORED]
+        names = [n for n in os.listdir(path) if not IGNORED.match(n)]
         if {"bbox_train", "bbox_test"} & set(names) or {"train", "query", "gallery"} <= set(names):
             return "a raw dataset"
         return f"{len(names)} other entries (e.g. {sorted(names)[0]})"
@@ -283,7 +284,7 @@ def check_output(path: str | os.PathLike, kind: OutputKind, inputs: Mapping[str,
                               "another path")
         if not kind.folder and out.is_dir():
             raise OutputError(f"{out}: is a folder; {option} names the file to write (e.g. {out / 'NAME'})")
-        empty = kind.folder and not [n for n in os.listdir(out) if n not in IGNORED]
+        empty = kind.folder and not [n for n in os.listdir(out) if not IGNORED.match(n)]
         if not empty:
             if not _safe(kind.recognise, out):
                 raise OutputError(f"{out}: holds {describe(out)}, not {kind.what}, so {command} does not write "
