@@ -60,9 +60,8 @@ def main(argv=None) -> int:
     from stenvan.errors import error_line
     from stenvan.evaluate import evaluate_model, load_model_for_eval, with_rerank, write_outputs
     from stenvan.evaluation import format_table
-    from stenvan.shards import ShardFormatError
-
     from stenvan.outputs import EVAL_FOLDER, EVAL_SUMMARY, check_output
+    from stenvan.shards import ShardFormatError
 
     default_out = f"eval-{args.mode}" + ("-untrained" if args.untrained else "")
     out = Path(args.out or Path(args.checkpoint).parent / default_out)

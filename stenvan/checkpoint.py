@@ -8,8 +8,8 @@ aside as `<name>.bad`). A file without a sidecar (a write killed between the ren
 without it) is *unverified*: resume passes it over for a verified one (setting it aside as `<name>.unverified`),
 and an explicit load warns in one line. `last.pt` is a hard link to the newest checkpoint, verified by that step
 file's sidecar. Everything loads with `weights_only=True`. Reading is race-free under a trainer that writes every
-step (`read_checkpoint_and_digest`: one open file is checked and loaded). `stenvan.checkpoint_writer` writes these files in the
-background; `stenvan.resume` picks the one to resume from.
+step (`read_checkpoint_and_digest`: one open file is checked and loaded). `stenvan.checkpoint_writer` writes these
+files in the background; `stenvan.resume` picks the one to resume from.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def read_checkpoint_and_digest(path: str | os.PathLike, map_location="cpu") -> t
     path = Path(path)
     for attempt in range(5):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block: refused below
         except (FileNotFoundError, NotADirectoryError):
             raise CheckpointError(f"{path}: checkpoint not found") from None
         except OSError as e:

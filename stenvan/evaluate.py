@@ -245,6 +245,8 @@ def load_model_for_eval(checkpoint: str, original_arch: str | None, untrained: b
     if original_arch:
         from stenvan.models import load_original_checkpoint
 
+        if os.path.exists(checkpoint) and not os.path.isfile(checkpoint):  # a folder, a FIFO (it would block)
+            raise CheckpointError(f"{checkpoint}: not a checkpoint file (a folder or a special file)")
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except FileNotFoundError:
