@@ -12,7 +12,9 @@
 features.npz: keys, features (N, 2048) float32 (eval.py's retrieval feature), num_frames (+ pids, camids for
 shards). Search writes DIR/ranking.csv (query, rank, gallery, distance[, status][, original_distance]),
 DIR/query.npz, DIR/gallery.npz and DIR/ranked/NNNN_<query>.png (the query and its top k, like eval's
-ranked_list.png) for the first --pictures queries. Bad input ends with one line and exit code 2.
+ranked_list.png) for the first --pictures queries, all written together (a failure leaves --out as it was). Bad
+input ends with one line and exit code 2. --out is checked before any work (stenvan.outputs): it never replaces
+an input, a checkpoint or anything but an earlier output of the same kind, which takes --force.
 """
 
 import argparse
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
                              "the evaluation protocols do")
     parser.add_argument("--pictures", type=int, default=20, help="search: ranked-list pictures for the first N queries")
     parser.add_argument("--out", required=True, help="embed: the .npz file; search: the output folder")
+    parser.add_argument("--force", action="store_true", help="replace an earlier output of embed.py at --out")
     parser.add_argument("--mode", choices=("paper", "dense"), default="paper")
     parser.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
     parser.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
@@ -55,7 +58,9 @@ def main(argv=None) -> int:
 
     from stenvan.checkpoint import CheckpointError
     from stenvan.distributed import DeviceError
+    from stenvan.errors import error_line
     from stenvan.inference.embed import Embedder, InputError
+    from stenvan.outputs import FEATURES, SEARCH_FOLDER, check_output
     from stenvan.shards import ShardFormatError
 
     try:
@@ -72,6 +77,10 @@ def main(argv=None) -> int:
         if args.drop_junk and not (search and is_shards(args.query) and is_shards(args.gallery)):
             raise InputError("--drop-junk needs identities: search with --query and --gallery both prepared shard "
                              "folders")
+        # Before any work: never over an input, a checkpoint or anything but an earlier output of this kind.
+        inputs = {"--checkpoint": args.checkpoint, "--tracklets": args.tracklets, "--query": args.query,
+                  "--gallery": args.gallery}
+        check_output(args.out, SEARCH_FOLDER if search else FEATURES, inputs, args.force, command="embed.py")
         embedder = Embedder(args.checkpoint, original_arch=args.original_arch, mode=args.mode, device=args.device,
                             precision=args.precision, batch_size=args.batch_size, workers=args.workers,
                             clip_len=args.clip_len, height=args.height, width=args.width)
@@ -79,8 +88,9 @@ def main(argv=None) -> int:
             return run_search(embedder, args)
         embedded = embed_source(embedder, args.tracklets, args.split, args.loader)
         save_npz(args.out, embedded)
-    except (InputError, CheckpointError, ShardFormatError, DeviceError, ValueError, MemoryError, ImportError) as e:
-        print(f"embed: error: {e}", file=sys.stderr)
+    except (InputError, CheckpointError, ShardFormatError, DeviceError, ValueError, MemoryError, ImportError,
+            OSError) as e:
+        print(f"embed: error: {error_line(e, 'rerun')}", file=sys.stderr)
         return 2
     print(f"embedded {len(embedded.keys)} tracklets ({int(embedded.num_frames.sum()):,} frames, {args.mode} mode) "
           f"-> {args.out}")
@@ -99,6 +109,7 @@ def embed_source(embedder, path: str, split: str, loader: str):
 
 
 def save_npz(path, embedded) -> None:
+    """embed.py's features file (stenvan.outputs.FEATURES recognises it), written atomically."""
     import numpy as np
 
     from stenvan.shards import atomic_write
@@ -114,7 +125,9 @@ def save_npz(path, embedded) -> None:
 
 
 def run_search(embedder, args) -> int:
-    from stenvan.inference.search import match_status, reranked_top_k, top_k, write_pictures, write_ranking
+    from stenvan.inference.search import (SEARCH_OUTPUTS, match_status, reranked_top_k, top_k, write_pictures,
+                                          write_ranking)
+    from stenvan.outputs import written_together
 
     query = embed_source(embedder, args.query, args.query_split, args.loader)
     gallery = embed_source(embedder, args.gallery, args.gallery_split, args.loader)
@@ -132,13 +145,14 @@ def run_search(embedder, args) -> int:
     else:
         statuses = [["unlabelled"] * len(row) for row in idx]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_npz(out / "query.npz", query)
-    save_npz(out / "gallery.npz", gallery)
-    ranking = write_ranking(out / "ranking.csv", query.keys, gallery.keys, idx, dist,
-                            statuses if labelled else None, original)
-    pictures = write_pictures(out / "ranked", query.keys, query.thumbnail, gallery.thumbnail, idx, dist, statuses,
-                              args.pictures)
+    with written_together(out, SEARCH_OUTPUTS) as staging:  # all of them, or none (a full disk, a bad name)
+        save_npz(staging / "query.npz", query)
+        save_npz(staging / "gallery.npz", gallery)
+        write_ranking(staging / "ranking.csv", query.keys, gallery.keys, idx, dist, statuses if labelled else None,
+                      original)
+        pictures = write_pictures(staging / "ranked", query.keys, query.thumbnail, gallery.thumbnail, idx, dist,
+                                  statuses, args.pictures)
+    ranking, pictures = out / "ranking.csv", [out / "ranked" / p.name for p in pictures]
     how = f"{args.metric} distance" + (", k-reciprocal re-ranked" if args.rerank else "")
     print(f"search: {len(query.keys)} queries x {len(gallery.keys)} gallery tracklets, top {idx.shape[1]}, {how}")
     for i in range(min(3, len(query.keys))):

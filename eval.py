@@ -17,7 +17,10 @@ with -split<N> / -val and -untrained appended). --rerank adds `<protocol>_rerank
 et al. 2017) next to each plain result, never in its place.
 The outputs are written together (each to a temp file first, then all renamed into place): a full disk or a
 read-only --out ends in one line naming the file (exit 2) and leaves the folder as it was. A checkpoint without
-its .sha256 loads with a one-line warning (nothing can check its bytes).
+its .sha256 loads with a one-line warning (nothing can check its bytes). --out and --summary are checked before
+any work (stenvan.outputs): --out must be new, empty or an earlier evaluation (replaced only with --force), never
+an input or a folder holding anything else; --summary must be new or an earlier summary, which gets this
+evaluation under --label.
 """
 
 import argparse
@@ -52,6 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rerank-lambda", type=float, default=0.3, help="re-ranking: weight of the original distance")
     parser.add_argument("--summary", help="also merge the metrics into this JSON file under --label")
     parser.add_argument("--label", default="eval", help="key of this evaluation in --summary (e.g. trained)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier evaluation's outputs in --out")
     args = parser.parse_args(argv)
     if args.rerank and (args.rerank_k1 < 1 or args.rerank_k2 < 1 or not 0 <= args.rerank_lambda <= 1):
         print(f"eval: error: --rerank needs k1 >= 1, k2 >= 1 and 0 <= lambda <= 1 (got {args.rerank_k1}, "
@@ -63,6 +67,7 @@ def main(argv=None) -> int:
     from stenvan.errors import error_line
     from stenvan.evaluation import format_table
     from stenvan.evaluation.run import default_out, evaluate_checkpoint
+    from stenvan.outputs import EVAL_SUMMARY, check_output
     from stenvan.person_splits import parse_split
     from stenvan.shards import ShardFormatError
 
@@ -71,12 +76,15 @@ def main(argv=None) -> int:
         split = parse_split(args.split)
         out = Path(args.out) if args.out else default_out(args.checkpoint, args.mode, split, args.untrained)
         created = not out.exists()
+        if args.summary:  # before any work, as --out (which evaluate_checkpoint checks first)
+            check_output(args.summary, EVAL_SUMMARY, {"--checkpoint": args.checkpoint, "--data": args.data,
+                                                      "--out": out}, option="--summary", command="eval.py")
         rerank = {"k1": args.rerank_k1, "k2": args.rerank_k2, "lambda": args.rerank_lambda} if args.rerank else None
         results, metrics, stats = evaluate_checkpoint(
             args.checkpoint, args.data, out, split=split, mode=args.mode, device=args.device, precision=args.precision,
             loader=args.loader, workers=args.workers, batch_size=args.batch_size, metric=args.metric,
             original_arch=args.original_arch, untrained=args.untrained, clip_len=args.clip_len, height=args.height,
-            width=args.width, rerank=rerank)
+            width=args.width, rerank=rerank, force=args.force)
         if args.summary:
             merge_summary(args.summary, args.label, metrics)
     except (CheckpointError, ShardFormatError, DeviceError, ValueError, ImportError, OSError) as e:

@@ -6,6 +6,8 @@
 The batch axis is dynamic; T, H and W are fixed in the graph (default: the checkpoint's). After writing, the file
 is run with onnxruntime on the CPU and compared with PyTorch (max |difference| / max |feature| must stay below
 1e-4), unless --no-check. Bad input ends with one line and exit code 2; the output appears only when complete.
+--out is checked before any work (stenvan.outputs): it never replaces the checkpoint or any file that is not an
+earlier export (a checkpoint, a manifest, someone's file); replacing an earlier export takes --force.
 """
 
 import argparse
@@ -25,18 +27,22 @@ def main(argv=None) -> int:
                         help="non-local attention in the graph (default: the model's, fused; reference if the "
                              "fused one fails to export)")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    parser.add_argument("--force", action="store_true", help="replace an earlier export at --out")
     args = parser.parse_args(argv)
 
     import os
-    from pathlib import Path
 
     from stenvan.checkpoint import CheckpointError
+    from stenvan.errors import error_line
     from stenvan.evaluation.evaluate import load_model_for_eval
     from stenvan.inference.export import compare_with_onnxruntime, export_onnx
+    from stenvan.outputs import ONNX_MODEL, check_output
 
-    out = Path(args.out)
-    unchecked = out.with_name(f".{out.name}.{os.getpid()}.unchecked")  # renamed to --out once it passed the check
+    unchecked = None
     try:
+        # Before any work: never over the checkpoint, a manifest or anything but an earlier export.
+        out = check_output(args.out, ONNX_MODEL, {"--checkpoint": args.checkpoint}, args.force, command="export.py")
+        unchecked = out.with_name(f".{out.name}.{os.getpid()}.unchecked")  # renamed to --out once it passed the check
         model, settings = load_model_for_eval(args.checkpoint, args.original_arch)
         settings.update({k: v for k, v in (("clip_len", args.clip_len), ("height", args.height),
                                            ("width", args.width)) if v is not None})
@@ -52,11 +58,12 @@ def main(argv=None) -> int:
                       f"max |feature| (> 1e-4); nothing written", file=sys.stderr)
                 return 1
         os.replace(unchecked, out)
-    except (CheckpointError, ValueError, ImportError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
+    except (CheckpointError, ValueError, ImportError, OSError) as e:
+        print(f"export: error: {error_line(e, 'rerun')}", file=sys.stderr)
         return 2
     finally:
-        unchecked.unlink(missing_ok=True)
+        if unchecked is not None:
+            unchecked.unlink(missing_ok=True)
     print(f"exported {settings['arch']} (T={size['clip_len']}, {size['height']}x{size['width']}, dynamic batch) "
           f"-> {out}")
     if not args.no_check:

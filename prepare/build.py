@@ -1,12 +1,14 @@
 """One `prepare mars|dukev` run into an output folder: lock it, then build, continue or check the dataset there.
 
-- A new (or foreign, but collision-free) folder: every shard is written, then the manifest.
+- A new or empty folder (`python -m prepare` refuses any other one before the scan, `stenvan.outputs`): every
+  shard is written, then the manifest.
 - An unfinished run (records in `.prepare/`, no manifest): shards whose record, plan, input and bytes still
   match are kept, the others written; files that the records name but the new plan does not are removed.
 - A finished dataset (a manifest): it is never changed piecemeal. The same command on the same input is a
   verified no-op ("up to date": every shard's sha256 is checked); a damaged shard or manifest is restored,
-  but only with bytes identical to the recorded ones. Changed input (tracklets, frame names or sizes, or
-  frame bytes) or changed options are refused with one line, and the dataset stays as it was.
+  but only with bytes identical to the recorded ones; a shard whose frames only have new times is checked and
+  left in place. Changed input (tracklets, frame names or sizes, or frame bytes) or changed options are refused
+  with one line, and the dataset stays as it was.
 
 Nothing is deleted that our records do not name, and an output folder has one writer at a time
 (`stenvan.lock`).
@@ -62,7 +64,7 @@ def _summary(dataset: str, manifest: dict, out: Path, what: str) -> None:
             groups[s["group"]] = groups.get(s["group"], 0) + 1
         log(f"--skip-bad left out {len(manifest['skipped'])} tracklets ("
             + ", ".join(f"{g} {n}" for g, n in groups.items()) + "); the counts above exclude them and "
-            f"manifest.json lists each under 'skipped'")
+            "manifest.json lists each under 'skipped'")
 
 
 def _build(dataset: str, jobs: list[ShardJob], skipped: list[dict], out: Path, options: dict, workers: int,
@@ -150,8 +152,11 @@ def _rerun_finished(dataset: str, jobs: list[ShardJob], skipped: list[dict], out
     if redo:
         log(f"checking {len(redo)} shards against the input ({len(damaged)} damaged, "
             f"{len(redo) - len(damaged)} with changed frame times)")
+        # An intact shard whose frames only have new times is checked, not rewritten: the same bytes leave the
+        # file as it is (a job reading it would stop at a replaced shard).
         results = run_jobs(redo, str(out), options["skip_bad"], workers, sum(j.num_frames for j in redo), 0,
-                           expect={j.name: records[j.name]["sha256"] for j in redo})
+                           expect={j.name: records[j.name]["sha256"] for j in redo},
+                           check_only=frozenset(j.name for j, ok in zip(jobs, intact) if ok))
         changed = [r["name"] for r in results if r.get("mismatch")]
         if changed:
             raise _refuse_change(out, f"the contents of its input frames changed: {len(changed)} shards would hold "

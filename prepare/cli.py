@@ -21,11 +21,12 @@ import sys
 
 from prepare.tracklet import PrepareError
 from stenvan.errors import describe_os_error
+from stenvan.outputs import PREPARED_FOLDER, SYNTHETIC_FOLDER, OutputError, check_output
 from stenvan.shards import ShardFormatError
 
-RETRY = "rerun the same command (finished shards are kept)"
+RETRY = "rerun the same command (finished shards are kept)"  # how to carry on after an OSError's cause is fixed
 LAYOUTS = ("mars", "dukev", "ilidsvid", "prid2011", "lsvid")
-DATASETS = LAYOUTS  # what `prepare <dataset>` shards  # how to carry on after an OSError's cause is fixed
+DATASETS = LAYOUTS  # what `prepare <dataset>` shards
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if args.command in DATASETS else None
     try:
         return _run(args)
-    except (PrepareError, ShardFormatError, FileExistsError, ValueError) as e:  # SplitError is a ValueError
+    except (PrepareError, ShardFormatError, OutputError, FileExistsError, ValueError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -159,6 +160,7 @@ def _synthetic(args) -> int:
             scale = 1.0 if scale is None else scale
             sizes = scaled(args.layout, sizes, scale, scale if test_scale is None else test_scale)
         sizes = type(sizes)(**{**sizes.as_dict(), **overrides})
+    check_output(args.out, SYNTHETIC_FOLDER, command="prepare synthetic")  # before any work
     try:
         counts = generate(args.layout, args.out, args.ids, args.seed, args.min_len, args.max_len, sizes=sizes,
                           workers=args.workers, quirk_f0002=args.quirk_f0002, quirk_old_names=args.quirk_old_names,
@@ -187,6 +189,10 @@ def _run(args) -> int:
 
         if args.workers < 1:
             raise PrepareError("--workers must be at least 1")
+        # Before any work: never into the raw dataset, nor into a folder holding anything but prepare's output.
+        inputs = {"--data-dir": args.data_dir, "--info-dir": getattr(args, "info_dir", None),
+                  "--splits": getattr(args, "splits", None)}
+        check_output(args.out, PREPARED_FOLDER, inputs, command=f"prepare {args.command}")
         tracklets, skipped, extra, notes = _scan(args)
         for line in notes:
             print(f"prepare: {line}", file=sys.stderr)
@@ -211,7 +217,7 @@ def _run(args) -> int:
 
     summary = summarize(args.dir, parse_split(args.split))
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
-    return 0
+    return 1 if summary["problems"] else 0  # as verify: a dataset whose shards are not the manifest's
 
 
 def _scan(args) -> tuple[list, list, dict | None, list[str]]:

@@ -12,24 +12,30 @@ from __future__ import annotations
 import os
 import re
 
-from prepare.tracklet import PrepareError, Tracklet, stat_frames
+from prepare.tracklet import PrepareError, Tracklet, list_entries, numeric_name, stat_frames
 
 # PPPP_Cc_Fffff_Xn.jpg or the older PPPPCcFffffXn.jpg (group 2 is the separator, the same throughout a name).
-NAME = re.compile(r"^(\d{4})(_?)C(\d)\2F(\d{4})\2X(\d+)\.jpg$")
+NAME = re.compile(r"^(\d{4})(_?)C(\d)\2F(\d{4})\2X(\d+)\.jpg$", re.ASCII)  # ASCII digits only
 SPLITS = ("train", "query", "gallery")
 
 
-def _numeric_dirs(path: str, what: str) -> list[str]:
-    names = sorted(e for e in os.listdir(path) if os.path.isdir(os.path.join(path, e)))
-    for name in names:
-        if not name.isdigit():
-            raise PrepareError(f"{os.path.join(path, name)}: {what} folders must be numbers; move this folder out of "
+def _numeric_dirs(path: str, what: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(the numbered folders in `path`, (name, problem) of each entry that cannot be examined: a symlink to a
+    missing target is a folder that vanished, reported rather than dropped). Plain files are not folders."""
+    entries = list_entries(path)
+    for e in entries:
+        if e.kind == "folder" and not numeric_name(e.name):
+            raise PrepareError(f"{e.path}: {what} folders must be numbers (ASCII digits); move this folder out of "
                                "the dataset")
-    return names
+    return [e.name for e in entries if e.kind == "folder"], [(e.name, e.problem) for e in entries if e.kind == "broken"]
 
 
 def _tracklet(folder: str, pid: str, number: str, split: str) -> tuple[Tracklet | None, str | None]:
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg")))
+    entries = [e for e in list_entries(folder) if e.name.lower().endswith((".jpg", ".jpeg"))]
+    bad = next((e for e in entries if e.kind != "file"), None)
+    if bad is not None:  # a frame name that is a folder, a FIFO, a device or a dangling symlink
+        return None, bad.problem or f"{bad.path}: is a folder, not a frame file"
+    files = [e.name for e in entries]
     if not files:
         return None, f"{folder}: tracklet folder holds no JPEG frames"
     parsed = [NAME.match(f) for f in files]
@@ -61,6 +67,14 @@ def _tracklet(folder: str, pid: str, number: str, split: str) -> tuple[Tracklet 
                     splits=(split,)), None
 
 
+def _skip_or_stop(skipped: list, skip_bad: bool, key: str, split: str, problem: str, what: str) -> None:
+    """Stop with `problem`, or (--skip-bad) list the skip in the manifest with its reason."""
+    if not skip_bad:
+        raise PrepareError(problem + ("" if "--skip-bad" in problem else
+                                      f"; fix the data or pass --skip-bad to skip {what}"))
+    skipped.append({"key": key, "group": split, "reason": problem})
+
+
 def scan_dukev(data_dir: str, skip_bad: bool = False) -> tuple[list[Tracklet], list[dict]]:
     """All DukeV tracklets (train, query, gallery) and the list of skipped tracklets."""
     if not os.path.isdir(data_dir):
@@ -71,14 +85,17 @@ def scan_dukev(data_dir: str, skip_bad: bool = False) -> tuple[list[Tracklet], l
         root = os.path.join(data_dir, split)
         if not os.path.isdir(root):
             raise PrepareError(f"{root}: {split}/ folder not found; --data-dir must hold train/, query/ and gallery/")
-        for pid in _numeric_dirs(root, "identity"):
-            for number in _numeric_dirs(os.path.join(root, pid), "tracklet"):
+        pids, broken = _numeric_dirs(root, "identity")
+        for name, problem in broken:  # an identity folder that vanished: all its tracklets
+            _skip_or_stop(skipped, skip_bad, name, split, problem, "this identity")
+        for pid in pids:
+            numbers, broken = _numeric_dirs(os.path.join(root, pid), "tracklet")
+            for name, problem in broken:
+                _skip_or_stop(skipped, skip_bad, f"{pid}_T{name}", split, problem, "this tracklet")
+            for number in numbers:
                 tracklet, problem = _tracklet(os.path.join(root, pid, number), pid, number, split)
                 if problem is not None:
-                    if not skip_bad:
-                        raise PrepareError(problem + ("" if "--skip-bad" in problem else
-                                                      "; fix the data or pass --skip-bad to skip this tracklet"))
-                    skipped.append({"key": f"{pid}_T{number}", "group": split, "reason": problem})
+                    _skip_or_stop(skipped, skip_bad, f"{pid}_T{number}", split, problem, "this tracklet")
                     continue
                 tracklets.append(tracklet)
     query_keys = {t.key for t in tracklets if t.group == "query"}

@@ -20,7 +20,7 @@ import re
 from prepare.splitfiles import ls_set_splits, read_ls_set
 from prepare.tracklet import PrepareError, Tracklet, numbered_frames, person_folders, stat_frames
 
-PERSON = re.compile(r"^person(\d{3})$")
+PERSON = re.compile(r"^person(\d{3})$", re.ASCII)
 CAMERAS = (1, 2)
 SPLIT_FILE = os.path.join("train-test people splits", "train_test_splits_ilidsvid.mat")
 
@@ -56,8 +56,8 @@ def scan_ilidsvid(data_dir: str, skip_bad: bool = False) -> tuple[list[Tracklet]
     for person in names:
         for cam in CAMERAS:
             folder = os.path.join(sequences, f"cam{cam}", person)
-            paths, problem = numbered_frames(folder, re.compile(rf"^cam{cam}_{person}_(\d+)\.png$"),
-                                             f"expected cam{cam}_{person}_FFFFF.png")
+            frame_name = re.compile(rf"^cam{cam}_{person}_(\d+)\.png$", re.ASCII)
+            paths, problem = numbered_frames(folder, frame_name, f"expected cam{cam}_{person}_FFFFF.png")
             stats = stat_frames(paths) if problem is None else problem
             if isinstance(stats, str):
                 if not skip_bad:

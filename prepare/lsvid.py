@@ -19,11 +19,11 @@ import os
 import re
 
 from prepare.splitfiles import read_query_rows
-from prepare.tracklet import PrepareError, Tracklet, list_files, stat_frames
+from prepare.tracklet import PrepareError, Tracklet, list_files, numeric_name, stat_frames
 
 LISTS = ("train", "val", "test")
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
-NUMBER = re.compile(r"^(\d+)\.[A-Za-z]+$")
+NUMBER = re.compile(r"^(\d+)\.[A-Za-z]+$", re.ASCII)
 
 
 def _find(data_dir: str, *candidates: str) -> str:
@@ -65,6 +65,9 @@ class _Folders:
 
     def frames(self, folder: str) -> list[str]:
         if folder not in self.cache:
+            if os.path.islink(folder) and not os.path.exists(folder):  # never an empty folder without a word
+                raise PrepareError(f"{folder}: a symlink to a missing target ({os.readlink(folder)}): is a volume not "
+                                   "mounted?")
             self.cache[folder] = list_files(folder, FRAME_SUFFIXES) if os.path.isdir(folder) else []
         return self.cache[folder]
 
@@ -79,7 +82,7 @@ def _tracklet_frames(root: str, prefix: str, folders: _Folders, where: str) -> t
     for name in names:
         fields = name.split("_")
         number = NUMBER.match(fields[-1]) if len(fields) >= 4 else None
-        if number is None or not fields[2].isdigit():
+        if number is None or not numeric_name(fields[2]):
             raise PrepareError(f"{os.path.join(folder, name)}: expected an LS-VID frame name of 4 '_' fields with the "
                                "camera third and the frame number last (e.g. 0001_0012_03_0005.jpg)")
         numbered.append((int(number.group(1)), int(fields[2]), name))

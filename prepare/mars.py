@@ -11,9 +11,9 @@ import re
 
 import numpy as np
 
-from prepare.tracklet import PrepareError, Tracklet, stat_frames
+from prepare.tracklet import PrepareError, Tracklet, list_entries, numeric_name, stat_frames
 
-NAME = re.compile(r"^(\d{4}|00-1)C(\d)T(\d{4})F(\d{3})\.jpg$")
+NAME = re.compile(r"^(\d{4}|00-1)C(\d)T(\d{4})F(\d{3})\.jpg$", re.ASCII)  # ASCII digits only
 INFO_FILES = {"train_name.txt": None, "test_name.txt": None, "tracks_train_info.mat": "track_train_info",
               "tracks_test_info.mat": "track_test_info", "query_IDX.mat": "query_IDX"}
 
@@ -63,11 +63,13 @@ def _check_rows(rows: np.ndarray, names: list[str], path: str) -> None:
 
 
 def _check_identity_folders(root: str, allow_junk: bool) -> None:
-    for entry in sorted(os.listdir(root)):
-        if not os.path.isdir(os.path.join(root, entry)):
+    """Identity folders are 4-digit ASCII numbers (or 00-1). An entry that cannot be examined (a symlink to a
+    missing target) is not checked here: the info rows list its frames, which then are reported missing."""
+    for entry in list_entries(root):
+        if entry.kind != "folder":
             continue
-        if not (entry.isdigit() and len(entry) == 4) and not (allow_junk and entry == "00-1"):
-            raise PrepareError(f"{os.path.join(root, entry)}: identity folders must be 4-digit numbers"
+        if not numeric_name(entry.name, 4) and not (allow_junk and entry.name == "00-1"):
+            raise PrepareError(f"{entry.path}: identity folders must be 4-digit numbers"
                                f"{' (or 00-1 for junk)' if allow_junk else ''}; move this folder out of the dataset")
 
 

@@ -21,8 +21,8 @@ import re
 from prepare.splitfiles import read_split_json, seeded_splits
 from prepare.tracklet import PrepareError, Tracklet, numbered_frames, person_folders, stat_frames
 
-PERSON = re.compile(r"^person_(\d{4})$")
-FRAME = re.compile(r"^(\d+)\.png$")
+PERSON = re.compile(r"^person_(\d{4})$", re.ASCII)
+FRAME = re.compile(r"^(\d+)\.png$", re.ASCII)
 CAMERAS = {1: "cam_a", 2: "cam_b"}
 BOTH_VIEWS = 200  # persons 1..200 appear in both cameras
 MIN_FRAMES = 27  # the protocol's rule: at least this many frames in both cameras (178 persons)

@@ -8,7 +8,9 @@
 - temporary files (`*.tmp`) of shards, indexes, records and the manifest being written.
 
 The records stay after the manifest is written: a rerun of a finished dataset compares them with the input.
-A rerun deletes only files that these records name, and temporary files inside this folder.
+A rerun deletes only files that these records name, and temporary files inside this folder. Every name read
+from a record is checked as a manifest's are (a plain shard file name of this folder, plain tracklet keys): a
+record naming `../../file` (a copied, foreign or edited folder) is refused, never followed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 
 from prepare.tracklet import PrepareError
-from stenvan.shards import atomic_write, dump_json
+from stenvan.shards import atomic_write, dump_json, plain_key, plain_shard_names
 
 RECORDS_DIR = ".prepare"
 RUN_FILE = "run.json"
@@ -61,8 +63,24 @@ def load_records(out: str | os.PathLike) -> dict[str, dict]:
         except (OSError, ValueError):
             continue
         if isinstance(record, dict) and record.get("name") == os.path.basename(path)[:-len(".json")]:
+            _check_names(path, record)
             records[record["name"]] = record
     return records
+
+
+def _check_names(path: str, record: dict) -> None:
+    """The file names and keys of a record are plain names of this folder, or the record is refused."""
+    keys = record.get("keys", [])
+    if not plain_shard_names(record["name"], record.get("index")):
+        problem = f"names the files {record['name']!r} and {str(record.get('index'))[:100]!r}, not a shard of this folder"
+    elif not isinstance(keys, list) or not all(plain_key(k) for k in keys):
+        bad = next((k for k in keys if not plain_key(k)), keys) if isinstance(keys, list) else keys
+        problem = f"lists the tracklet key {str(bad)[:100]!r}, not a plain key"
+    else:
+        return
+    out = Path(path).parent.parent
+    raise PrepareError(f"{path}: {problem} (a copied, foreign or edited record); prepare follows no such name: "
+                       f"prepare into a new --out, or delete {out} and rerun")
 
 
 def save_record(out: str | os.PathLike, record: dict) -> None:

@@ -1,4 +1,6 @@
-"""`python -m prepare inspect DIR [--json] [--split N|val]`: what a prepared dataset holds, from its manifest.
+"""`python -m prepare inspect DIR [--json] [--split N|val]`: what a prepared dataset holds, from its manifest, and
+whether the shards beside it are the ones it describes (sizes and index hashes: cheap; `prepare verify` reads every
+byte).
 
 With `--split` (iLIDS-VID, PRID-2011: a person split 0..9; LS-VID: val) the counts are those of that split, and
 `--json` also lists its tracklets, each with its source folder, camera and frames (from the tracklet's JSON
@@ -7,6 +9,7 @@ member in its shard: the original frame names, in the order they are stored and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -24,6 +27,29 @@ def _percentile(sorted_values: list[int], q: float) -> int:
         return 0
     rank = max(0, min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1))))
     return sorted_values[rank]
+
+
+def shard_problems(directory: str, manifest: dict) -> list[str]:
+    """The shards and indexes beside the manifest that are missing, of another size, or whose index differs from
+    the one it recorded: shards of another dataset (a manifest copied beside them), or damaged ones."""
+    problems = []
+    for shard in manifest["shards"]:
+        tar, idx = Path(directory) / shard["name"], Path(directory) / shard["index"]
+        try:
+            size = os.path.getsize(tar)
+            index_sha256 = hashlib.sha256(idx.read_bytes()).hexdigest()
+        except OSError as e:
+            problems.append(f"{e.filename}: {e.strerror}; the manifest lists it")
+            continue
+        if size != shard["bytes"] or index_sha256 != shard["index_sha256"]:
+            what = f"{size} bytes, the manifest says {shard['bytes']}" if size != shard["bytes"] else \
+                f"its index {idx.name} is not the one the manifest records"
+            problems.append(f"{tar}: {what}")
+    if problems:
+        problems.append(f"{directory}: the shards beside manifest.json are not the ones it describes (another "
+                        "dataset's, or damaged); `python -m prepare verify` says more, rerunning the prepare command "
+                        "that wrote the folder restores it")
+    return problems
 
 
 def _shown_splits(manifest: dict, split: Split) -> tuple[str, ...]:
@@ -57,6 +83,7 @@ def summarize(directory: str, split: Split = None) -> dict:
         }
         if split is not None:
             out["splits"][name]["tracklet_list"] = _listed(Path(directory), manifest, chosen)
+    out["problems"] = shard_problems(directory, manifest)
     return out
 
 
@@ -92,4 +119,4 @@ def format_summary(s: dict) -> str:
         cams = " ".join(f"C{c}:{n}" for c, n in d["cameras"].items())
         extra = f"  junk {d['junk']}, distractors {d['distractors']}, marked query {d['marked_query']}"
         lines.append(f"{split:8} cameras {cams}" + (extra if split in ("gallery", "val") else ""))
-    return "\n".join(lines)
+    return "\n".join(lines + [f"problem: {p}" for p in s.get("problems", [])])

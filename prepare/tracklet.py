@@ -1,10 +1,20 @@
-"""What the dataset readers hand to the shard writer: tracklets with their frames, and the error type."""
+"""What the dataset readers hand to the shard writer (tracklets with their frames, the error type), and the
+rules every reader applies to raw frames (stenvan.frame_files): a frame is a regular file, opened without
+blocking and read up to the size the scan saw; an entry that cannot be examined (a symlink to a missing target)
+is an error or, with --skip-bad, a skip that says so, never silently dropped. Readers list folders with
+`list_entries`, stat frames with `stat_frames`; the writer reads them with `read_frame_file`."""
 
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass, field
+
+from stenvan.frame_files import Entry, FrameFileError, list_entries, read_frame_bytes, stat_frame
+
+__all__ = ["Entry", "FrameFileError", "PrepareError", "Tracklet", "jpeg_problem", "list_entries", "numeric_name",
+           "read_frame_file", "stat_frames"]
+SKIP_ADVICE = "restore the file or pass --skip-bad to skip its tracklet"
 
 
 class PrepareError(Exception):
@@ -38,16 +48,31 @@ def relative(path: str, root: str) -> str:
 
 
 def stat_frames(paths: list[str]) -> tuple[list[int], list[int]] | str:
-    """File sizes and modification times (ns), or a problem string naming the first missing file."""
+    """File sizes and modification times (ns), or a problem string naming the first frame that is missing, not a
+    regular file (a folder, a FIFO, a device) or cannot be examined (a symlink to a missing target)."""
     sizes, mtimes = [], []
     for path in paths:
         try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return f"{path}: listed frame does not exist; restore the file or pass --skip-bad to skip its tracklet"
+            st = stat_frame(path)
+        except FrameFileError as e:
+            return f"{e}; {SKIP_ADVICE}"
         sizes.append(st.st_size)
         mtimes.append(st.st_mtime_ns)
     return sizes, mtimes
+
+
+def read_frame_file(path: str, size: int) -> tuple[bytes | None, str | None]:
+    """(the frame's bytes, None), or (None, a problem naming the frame): read as `stenvan.frame_files` says (a
+    regular file, opened without blocking, at most the `size` the scan saw)."""
+    try:
+        return read_frame_bytes(path, size), None
+    except FrameFileError as e:
+        return None, f"{e}; {SKIP_ADVICE}"
+
+
+def numeric_name(name: str, digits: int | None = None) -> bool:
+    """An ASCII number (str.isdigit also takes other scripts' digits, which no key may hold), of `digits` digits."""
+    return name.isascii() and name.isdigit() and (digits is None or len(name) == digits)
 
 
 # After a start-of-scan segment: the next marker that is neither a stuffed 0xFF00 nor a restart marker RSTn.
@@ -120,8 +145,13 @@ def list_files(folder: str, suffixes: tuple[str, ...]) -> list[str]:
 
 
 def list_folders(path: str) -> list[str]:
-    """Names (sorted) of the sub-folders of `path`."""
-    return sorted(name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name)))
+    """Names (sorted) of the sub-folders of `path`. An entry that cannot be examined (a symlink to a missing
+    target: a volume not mounted) is an error naming it: a person folder never vanishes from a split silently."""
+    entries = list_entries(path)
+    broken = next((e for e in entries if e.kind == "broken"), None)
+    if broken:
+        raise PrepareError(f"{broken.problem}; restore it, or move it out of the dataset")
+    return [e.name for e in entries if e.kind == "folder"]
 
 
 def person_folders(path: str, pattern: re.Pattern, missing: str, form: str) -> list[str]:

@@ -13,17 +13,15 @@ splits must be disjoint halves of persons the manifest holds, each test person w
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import mmap
 import os
 from pathlib import Path
 
 from prepare.tracklet import frame_ext
-from stenvan.shards import (BLOCK, SPLIT_GROUPS, ShardFormatError, load_manifest, padded, read_index, sha256_file,
+from stenvan.shards import (BLOCK, FRAME_EXTS, SPLIT_GROUPS, ShardFormatError, frame_member, label_problems,
+                            load_manifest, member_differences, member_name_problem, padded, read_index, sha256_file,
                             split_names)
-
-FLAGS = ("query", "junk", "distractor")
 
 
 def walk_tar(buf) -> list[tuple[str, int, int]]:
@@ -67,6 +65,12 @@ def _check_shard(directory: Path, shard: dict, deep: bool, problems: list[str]) 
         except ValueError as e:
             problems.append(f"{tar}: {e}; rerun prepare")
             return None
+        named = [(name, member_name_problem(name)) for name, _, _ in members]
+        bad = [f"{name!r} {problem}" for name, problem in named if problem]
+        if bad:  # the shards are advertised as plain tars for other tools: never one that escapes its folder
+            problems.append(f"{tar}: member {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; this "
+                            "is not a shard prepare wrote: rerun prepare")
+            return None
         indexed = [(m.name, m.offset, m.size) for s in samples for m in s]
         if members != indexed:
             first = next((i for i, (a, b) in enumerate(zip(members, indexed)) if a != b), min(len(members), len(indexed)))
@@ -109,15 +113,15 @@ def _check_frame_formats(tar: Path, buf, samples, problems: list[str]) -> None:
 
 
 def _decode_all(tar: Path, buf, samples, problems: list[str]) -> None:
-    from PIL import Image
+    """Decode every frame with the decoder of the loaders' rule (stenvan.decode), not another library's."""
+    from stenvan.decode import FrameDecodeError, decode_frame
 
     for members in samples:
         for m in members[1:]:
             try:
-                with Image.open(io.BytesIO(bytes(buf[m.offset:m.offset + m.size]))) as image:
-                    image.load()
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a problem to report
-                problems.append(f"{tar}: frame {m.name} does not decode ({e})")
+                decode_frame(bytes(buf[m.offset:m.offset + m.size]), f"{tar}: frame {m.name}")
+            except FrameDecodeError as e:
+                problems.append(str(e))
 
 
 def _check_entry(directory: Path, split: str, e: dict, shard: dict | None, read, problems: list[str]) -> None:
@@ -129,8 +133,11 @@ def _check_entry(directory: Path, split: str, e: dict, shard: dict | None, read,
     if read is None:
         return  # the shard's own problem is reported already
     samples, metas = read
-    if not 0 <= e["sample"] < len(samples) or samples[e["sample"]][0].name != f"{e['key']}.json":
-        problems.append(f"{directory / e['shard']}: sample {e['sample']} is not tracklet {e['key']}")
+    names = [m.name for m in samples[e["sample"]]] if 0 <= e["sample"] < len(samples) else []
+    frames_named = all(n in {frame_member(e["key"], i, ext) for ext in FRAME_EXTS} for i, n in enumerate(names[1:]))
+    if names[:1] != [f"{e['key']}.json"] or not frames_named:
+        problems.append(f"{directory / e['shard']}: sample {e['sample']} is not tracklet {e['key']} (its members "
+                        "are not named <key>.json, <key>.00000.jpg|png, ...)")
         return
     if len(samples[e["sample"]]) - 1 != e["num_frames"]:
         problems.append(f"{directory / e['shard']}: tracklet {e['key']} holds {len(samples[e['sample']]) - 1} "
@@ -138,10 +145,7 @@ def _check_entry(directory: Path, split: str, e: dict, shard: dict | None, read,
     meta = metas[e["sample"]]
     if meta is None:
         return
-    differ = [f"{f} {e.get(f)!r} (shard: {meta.get(f)!r})" for f in ("key", "pid", "camid", "num_frames")
-              if meta.get(f) != e.get(f)]
-    differ += [f"{f} {bool(e.get(f))} (shard: {bool(meta.get(f))})" for f in FLAGS
-               if bool(meta.get(f)) != bool(e.get(f))]
+    differ = member_differences(e, meta)
     if differ:
         problems.append(f"{where}: the manifest says {', '.join(differ)}; the manifest was edited or is wrong, "
                         "rerun prepare")
@@ -208,13 +212,7 @@ def _check_person_splits(path: Path, manifest: dict, problems: list[str]) -> Non
 
 
 def _check_labels(path: Path, train: dict, problems: list[str]) -> None:
-    """Train labels are 0..n-1 in ascending pid order, the same in the label map and in every entry."""
-    expected = {pid: label for label, pid in enumerate(sorted({e["pid"] for e in train["tracklets"]}))}
-    if train["labels"] != {str(pid): label for pid, label in expected.items()}:
-        problems.append(f"{path}: train.labels is not the ascending-pid numbering of the train identities")
-    wrong = [e["key"] for e in train["tracklets"] if e["label"] != expected[e["pid"]]]
-    if wrong:
-        problems.append(f"{path}: train tracklets {wrong[:3]} carry labels that do not follow their pids")
+    problems += [f"{path}: {p}" for p in label_problems(train)]
 
 
 def _check_queries(path: Path, manifest: dict, problems: list[str]) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prepare.records import records_dir, save_record
-from prepare.tracklet import PrepareError, Tracklet, frame_ext, frame_problem
+from prepare.tracklet import PrepareError, Tracklet, frame_ext, frame_problem, read_frame_file
 from stenvan import __version__
 from stenvan.shards import (BLOCK, FORMAT_NAME, TAR_END, IndexedMember, atomic_write, format_index, frame_member,
                             manifest_version, member_span, padded, seal_manifest, sha256_file, split_names, tar_header)
@@ -117,24 +117,34 @@ def _init_pool_worker(counter) -> None:
 _ZEROS = bytes(BLOCK)  # padding to whole blocks is a slice of this
 
 
-def _read_file(path: str, size: int) -> bytes:
-    """The file's bytes, read with the size the scan saw (one read; +1 byte notices a file that grew)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = os.read(fd, size + 1)
-        if len(data) != size:  # grown, shrunk, or a short read: read on to the end
-            while chunk := os.read(fd, 1 << 20):
-                data += chunk
-        return data
-    finally:
-        os.close(fd)
+class _Discard:
+    """Where a shard that is only checked goes (its bytes are hashed, never written)."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        raise OSError("no file")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
-def write_shard(job: ShardJob, out_dir: str, skip_bad: bool, expect_sha256: str | None = None) -> dict:
+def write_shard(job: ShardJob, out_dir: str, skip_bad: bool, expect_sha256: str | None = None,
+                check_only: bool = False) -> dict:
     """Write one shard and its index atomically; return its record.
 
     With `expect_sha256` (repairing a finished dataset), the shard is put in place only if its bytes come out
     exactly as recorded; otherwise nothing is changed and the record returned says {"mismatch": True}.
+    `check_only` (with `expect_sha256`: an intact shard whose frames have new times): the bytes are only hashed;
+    if they are the recorded ones, the record (with the new input fingerprint) is saved and the shard and its
+    index are left as they are, so that a job reading them is never disturbed.
     """
     work = records_dir(out_dir)
     tmp = work / f"{job.name}.{os.getpid()}.tmp"
@@ -143,12 +153,12 @@ def write_shard(job: ShardJob, out_dir: str, skip_bad: bool, expect_sha256: str 
     offset = 0
     try:
         digest = hashlib.sha256()
-        with open(tmp, "wb") as f:
+        with (_Discard() if check_only else open(tmp, "wb")) as f:
             for t, meta in zip(job.tracklets, job.metas):
                 frames, problem = [], None
                 for path, size in zip(t.frames, t.sizes):
-                    data = _read_file(path, size)
-                    problem = frame_problem(data, path)
+                    data, problem = read_frame_file(path, size)
+                    problem = problem or frame_problem(data, path)
                     if problem:
                         break
                     frames.append(data)
@@ -179,12 +189,13 @@ def write_shard(job: ShardJob, out_dir: str, skip_bad: bool, expect_sha256: str 
             f.write(TAR_END)
             digest.update(TAR_END)
             f.flush()
-            os.fsync(f.fileno())
+            if not check_only:
+                os.fsync(f.fileno())
         sha256 = digest.hexdigest()
         if not samples:
             raise PrepareError(f"{job.name}: every tracklet of this shard was skipped as bad; see the messages above")
         if expect_sha256 is not None and sha256 != expect_sha256:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
             return {"name": job.name, "mismatch": True}
         index = format_index(samples)
         record = {"name": job.name, "index": job.index_name, "group": job.group, "plan_sha256": job.fingerprint,
@@ -194,8 +205,9 @@ def write_shard(job: ShardJob, out_dir: str, skip_bad: bool, expect_sha256: str 
                   "exts": sorted(used)}
         # The record first: then every shard under its final name is one that a record of ours names.
         save_record(out_dir, record)
-        os.replace(tmp, os.path.join(out_dir, job.name))
-        atomic_write(os.path.join(out_dir, job.index_name), index, tmp_dir=work)
+        if not check_only:
+            os.replace(tmp, os.path.join(out_dir, job.name))
+            atomic_write(os.path.join(out_dir, job.index_name), index, tmp_dir=work)
     except OSError as e:
         if e.filename is None:  # a failed write() names no file: name the shard
             e.filename = str(tmp)
@@ -230,8 +242,9 @@ def check_intact(records: list[dict], out_dir: str, workers: int) -> list[bool]:
 
 
 def run_jobs(jobs: list[ShardJob], out_dir: str, skip_bad: bool, workers: int, total_frames: int,
-             done_frames: int, expect: dict[str, str] | None = None) -> list[dict]:
-    """write_shard for every job, by up to `workers` processes, with a progress bar over all frames."""
+             done_frames: int, expect: dict[str, str] | None = None, check_only: frozenset = frozenset()) -> list[dict]:
+    """write_shard for every job, by up to `workers` processes, with a progress bar over all frames; `expect`
+    and `check_only` as write_shard's, per shard name."""
     from tqdm import tqdm
 
     expect = expect or {}
@@ -254,11 +267,11 @@ def run_jobs(jobs: list[ShardJob], out_dir: str, skip_bad: bool, workers: int, t
     try:
         if workers <= 1 or len(jobs) <= 1:
             _init_worker(counter)
-            return [write_shard(job, out_dir, skip_bad, expect.get(job.name)) for job in jobs]
+            return [write_shard(job, out_dir, skip_bad, expect.get(job.name), job.name in check_only) for job in jobs]
         with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_init_pool_worker,
                                          initargs=(counter,)) as pool:
-            async_results = [pool.apply_async(write_shard, (job, out_dir, skip_bad, expect.get(job.name)))
-                             for job in jobs]
+            async_results = [pool.apply_async(write_shard, (job, out_dir, skip_bad, expect.get(job.name),
+                                                            job.name in check_only)) for job in jobs]
             return [r.get() for r in async_results]
     finally:
         _init_worker(None)

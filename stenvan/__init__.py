@@ -7,9 +7,10 @@ The public API (what the README's examples import; everything else is internal a
     from stenvan import first_of_chunk_indices, read_frame, resize_frame    # the input contract, piece by piece
 
 The library's parts, each a sub-package that imports only those listed before it:
-- top-level modules, shared by every part: the shard format (shards), the training config (config), the
-  distributed set-up (distributed), the checkpoint format (checkpoint), folder locks (lock), one-line errors
-  (errors), mixed precision (amp);
+- top-level modules, shared by every part: the shard format (shards), the person splits of iLIDS-VID and
+  PRID-2011 (person_splits), the training config (config), the distributed set-up (distributed), the checkpoint
+  format (checkpoint), folder locks (lock), one-line errors (errors), mixed precision (amp), what a command may
+  write over (outputs), reading raw frame files safely (frame_files) and the one rule that decodes frames (decode);
 - `stenvan.models`: the clip models; `stenvan.data`: the tracklet table, samplers and loaders;
 - `stenvan.evaluation`: features of a prepared dataset, the protocols, re-ranking, plots;
 - `stenvan.training`: the training run; `stenvan.inference`: embedding, search and ONNX export.
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Embedder": "stenvan.inference.embed",
     "read_frame": "stenvan.inference.embed",
-    "resize_frame": "stenvan.inference.embed",
+    "resize_frame": "stenvan.data.clips",
     "build_model": "stenvan.models.video_net",
     "load_original_checkpoint": "stenvan.models.convert",
     "TrackletTable": "stenvan.data.table",

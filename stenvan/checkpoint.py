@@ -7,8 +7,9 @@ back and checked against the sha256 of the bytes written, then renamed. The sha2
 aside as `<name>.bad`). A file without a sidecar (a write killed between the rename and the sidecar, a copy made
 without it) is *unverified*: resume passes it over for a verified one (setting it aside as `<name>.unverified`),
 and an explicit load warns in one line. `last.pt` is a hard link to the newest checkpoint, verified by that step
-file's sidecar. Everything loads with `weights_only=True`. `stenvan.training.checkpoint_writer` writes these
-files in the background; `stenvan.training.resume` picks the one to resume from.
+file's sidecar. Everything loads with `weights_only=True`. Reading is race-free under a trainer that writes every
+step (`read_checkpoint_and_digest`: one open file is checked and loaded). `stenvan.training.checkpoint_writer`
+writes these files in the background; `stenvan.training.resume` picks the one to resume from.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import glob
 import hashlib
 import os
 import re
+import stat
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from stenvan.errors import torch_load_error
 from stenvan.shards import atomic_write, sha256_file
 
 FORMAT = "stenvan-checkpoint"
@@ -142,44 +145,100 @@ def unverified_line(path: str | os.PathLike) -> str:
             "without it, or a write cut short), so a damaged file would load with wrong weights")
 
 
-def sidecar_digest(path: Path) -> tuple[str | None, str]:
-    """(the sha256 the file must have, or None if nothing records it; the sidecar's name, for messages).
+def _recorded_digest(path: Path, opened: os.stat_result) -> tuple[str | None, str]:
+    """(the sha256 recorded for the file opened as `path`, or None; the sidecar's name, for messages), resolved
+    from the opened file itself (its inode), never from whatever the name points to a moment later.
 
-    `last.pt` is a hard link to the newest step file, and has no sidecar of its own: the step file that is the
-    same file gives it (in a copied run folder, where the link became a copy, any step file's sidecar may)."""
-    sidecar = sidecar_path(path)
-    if sidecar.is_file():
-        return sidecar.read_text().strip(), sidecar.name
-    if path.name == "last.pt":
-        for step in reversed(step_checkpoints(path.parent)):
-            if os.path.samefile(step, path):
-                return sidecar_digest(step)
-        for bad in path.parent.glob("step-*.pt.bad"):
-            if os.path.samefile(bad, path):  # resume set its step file aside as damaged; last.pt is that file
-                raise CheckpointError(f"{path}: is the same file as {bad.name}, which resume set aside as damaged; "
-                                      "use the newest step-*.pt instead")
-    return None, sidecar.name
+    A step file's sidecar is its own (re-checked: the name must still be the opened file once the sidecar is
+    read). `last.pt` has none: it is a hard link to the newest step file, so the step file that is the same inode
+    gives it; a trainer that re-points last.pt meanwhile does not matter. A step file set aside as `.bad` that is
+    that inode is refused."""
+    def same(p: Path) -> bool:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (opened.st_dev, opened.st_ino)
+
+    def read(sidecar: Path) -> str | None:
+        try:
+            return sidecar.read_text().strip()
+        except OSError:
+            return None
+
+    own = sidecar_path(path)
+    if path.name != "last.pt" or own.exists():
+        digest = read(own)
+        return (digest if digest is not None and same(path) else None), own.name
+    for step in reversed(step_checkpoints(path.parent)):
+        if same(step):
+            sidecar = sidecar_path(step)
+            digest = read(sidecar)
+            if digest is not None and same(step):
+                return digest, sidecar.name
+    for bad in path.parent.glob("step-*.pt.bad"):
+        if same(bad):  # resume set its step file aside as damaged; last.pt is that file
+            raise CheckpointError(f"{path}: is the same file as {bad.name}, which resume set aside as damaged; "
+                                  "use the newest step-*.pt instead")
+    return None, own.name
+
+
+def _sha256_fd(fd: int, chunk_bytes: int = 1 << 22) -> str:
+    digest, offset = hashlib.sha256(), 0
+    while block := os.pread(fd, chunk_bytes, offset):
+        digest.update(block)
+        offset += len(block)
+    return digest.hexdigest()
+
+
+def _load(fd: int, path: Path, map_location):
+    """torch.load of the open file `fd`: memory-mapped through /proc/self/fd (Linux: the same inode, whatever
+    `path` names now), else read from the descriptor."""
+    proc = f"/proc/self/fd/{fd}"
+    if os.path.exists(proc):
+        return torch.load(proc, map_location=map_location, weights_only=True, mmap=True)
+    with os.fdopen(os.dup(fd), "rb") as f:
+        return torch.load(f, map_location=map_location, weights_only=True)
 
 
 def read_checkpoint_and_digest(path: str | os.PathLike, map_location="cpu") -> tuple[dict, str, bool]:
     """(state, sha256 of the file, verified): `read_checkpoint` without the warning; verified is False when no
-    `.sha256` records what the file must hold (how ranks check that they read the same bytes: the sha256)."""
+    `.sha256` records what the file must hold (how ranks check that they read the same bytes: the sha256).
+
+    Race-free under a trainer that writes a checkpoint every step: the file is opened once, and the recorded
+    sha256, the hash and the load all concern that open file. When `last.pt` moved on before its step file's
+    sidecar could be found (the trainer pruned that step file meanwhile), the newer last.pt is read instead."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    digest = sha256_file(path)
-    expected, sidecar_name = sidecar_digest(path)
-    if expected is None and path.name == "last.pt":  # a copy of last.pt: verified if it equals a sidecar's record
-        expected = digest if digest in _step_digests(path.parent) else None
-    if expected is not None and expected != digest:
-        raise CheckpointError(f"{path}: sha256 does not match {sidecar_name}: the file is corrupt or truncated")
-    try:
-        # Memory-mapped: the tensors are read from the page cache, which the ranks of a node resuming from the
-        # same file share, instead of every rank holding the file's bytes and a copy of them.
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e}); it is truncated, corrupt or "
-                              "not a PyTorch checkpoint") from None
+    for attempt in range(5):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block: refused below
+        except (FileNotFoundError, NotADirectoryError):
+            raise CheckpointError(f"{path}: checkpoint not found") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be opened ({e.strerror})") from None
+        try:
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode):
+                raise CheckpointError(f"{path}: not a checkpoint file (a folder or a special file)")
+            expected, sidecar_name = _recorded_digest(path, opened)
+            if expected is None and path.name == "last.pt" and attempt < 4 and _moved(path, opened):
+                continue  # re-pointed (and its step file pruned) while we looked: read the newer one
+            digest = _sha256_fd(fd)
+            if expected is None and path.name == "last.pt":  # a copy of last.pt: verified if a sidecar records it
+                expected = digest if digest in _step_digests(path.parent) else None
+            if expected is not None and expected != digest:
+                raise CheckpointError(f"{path}: sha256 does not match {sidecar_name}: the file is corrupt or "
+                                      "truncated")
+            try:
+                # Memory-mapped: the tensors are read from the page cache, which the ranks of a node resuming from
+                # the same file share, instead of every rank holding the file's bytes and a copy of them.
+                state = _load(fd, path, map_location)
+            except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+                raise CheckpointError(torch_load_error(path, e, "a stenvan checkpoint", "it is truncated, corrupt or "
+                                                       "not a checkpoint train.py wrote")) from None
+        finally:
+            os.close(fd)
+        break
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a checkpoint dict")
     if state.get("format") != FORMAT:
@@ -189,6 +248,14 @@ def read_checkpoint_and_digest(path: str | os.PathLike, map_location="cpu") -> t
         raise CheckpointError(f"{path}: checkpoint format version {state.get('version')}, this stenvan reads "
                               f"version {VERSION}")
     return state, digest, expected is not None
+
+
+def _moved(path: Path, opened: os.stat_result) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    return (st.st_dev, st.st_ino) != (opened.st_dev, opened.st_ino)
 
 
 def _step_digests(run_dir: Path) -> set[str]:

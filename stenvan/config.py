@@ -215,6 +215,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, **f
             raise ConfigError(f"{path}: not valid YAML{where} ({problem}); fix the file") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
+        for key in loaded:
+            if not isinstance(key, str):  # YAML reads `1: 2` as an int key, `~: 2` as None
+                raise ConfigError(f"{path}: the key {key!r} is not a config key name; keys are names like arch or "
+                                  "lr (see stenvan/config.py)")
         values.update({k: coerce(k, v, path) for k, v in loaded.items()})
     values.update(parse_overrides(overrides or []))
     values.update({k: coerce(k, v, "arguments") for k, v in fixed.items() if v is not None})

@@ -1,8 +1,11 @@
-"""One line for an OSError of prepare, train.py or eval.py: the path, what went wrong and what to do about it."""
+"""One line for an OSError of prepare, train.py or eval.py (the path, what went wrong and what to do about it), and
+for a file that torch.load refused."""
 
 from __future__ import annotations
 
 import errno
+import pickle
+import re
 
 
 RESUME_RETRY = "continue with --resume auto"  # how a training run carries on once the cause is fixed
@@ -34,3 +37,19 @@ def _advice(e: OSError, retry: str) -> str:
               errno.EEXIST: "something else already has this name: check the path",
               errno.EIO: f"an I/O error: check the disk, then {retry}"}
     return advice.get(e.errno, f"check the path, then {retry}")
+
+
+def torch_load_error(path, e: BaseException, expected: str, advice: str) -> str:
+    """One line for a file that `torch.load(..., weights_only=True)` refused. Pickled code is named as such, and
+    torch's own text is never quoted where it advises `weights_only=False` (that would run the code in the file,
+    and torch says it even for a file that is not a PyTorch file at all)."""
+    text = str(e)
+    code = re.search(r"GLOBAL ([\w.]+)", text)
+    if code:
+        return (f"{path}: refused: the file holds pickled Python code ({code.group(1)}), not only tensors: "
+                f"{expected} never does, and stenvan never runs code from a file; {advice}")
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text or "mmap can only be used" in text:
+        detail = "not a PyTorch file, or a damaged one"  # (torch's own text advises unsafe or useless steps)
+    else:
+        detail = f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"
+    return f"{path}: cannot be loaded as {expected} ({detail}); {advice}"

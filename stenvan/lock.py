@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 LOCK_NAME = ".lock"
+EMPTY_LOCK_S = 2.0  # a lock file empty for this long has no record on its way (it is written right after creation)
 
 
 class LockError(Exception):
@@ -122,6 +123,14 @@ class FolderLock:
         except FileNotFoundError:
             return None
 
+    def _empty_for(self, seconds: float) -> bool:
+        """The lock file is still empty and was last written `seconds` ago or more (no record is on its way)."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return False
+        return st.st_size == 0 and time.time() - st.st_mtime >= seconds
+
     def _try_link(self, record: bytes) -> bool:
         tmp = self.folder / f"{LOCK_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.write_bytes(record)
@@ -158,6 +167,10 @@ class FolderLock:
                 return self
             raw = self._read()
             if not raw:  # released meanwhile, or (no hard links) its record is being written: try again
+                if raw is not None and self._empty_for(EMPTY_LOCK_S):
+                    raise LockError(f"{self.path}: exists but is empty, not a lock record (a writer killed while "
+                                    f"creating it, or a file made by hand); if no prepare or training is using "
+                                    f"{self.folder}, delete {self.path}; rerunning alone will not help")
                 time.sleep(0.05)
                 continue
             try:

@@ -48,6 +48,24 @@ class ShardFormatError(Exception):
 # Tar members
 # ----------------------------------------------------------------------------------------------------------
 
+_NOT_IN_KEYS = re.compile(r"[./\\\s]")
+KEY_CHARS = 80  # "<key>.<FFFFF>.jpg" stays within a tar header's 100-byte name field
+
+
+def plain_key(key) -> bool:
+    """A tracklet key is a plain name: printable ASCII without a dot (the extension starts at the first dot),
+    a slash, a backslash or a space, at most KEY_CHARS long. Member names built from it (`<key>.json`,
+    `<key>.<FFFFF>.jpg`) are then plain file names that no tool extracts outside its folder."""
+    return (isinstance(key, str) and 0 < len(key) <= KEY_CHARS and key.isascii() and key.isprintable()
+            and not _NOT_IN_KEYS.search(key))
+
+
+def plain_shard_names(name, index) -> bool:
+    """`name` is a shard's plain file name of this folder (`<group>-NNNNN.tar`) and `index` its `.idx`."""
+    return (isinstance(name, str) and isinstance(index, str) and bool(SHARD_NAME.match(name))
+            and name.endswith(".tar") and index == name[:-4] + ".idx")
+
+
 def frame_member(key: str, frame: int, ext: str = "jpg") -> str:
     """Tar member name of frame `frame` (0-based) of tracklet `key`, whose bytes are a `ext` file (FRAME_EXTS)."""
     return f"{key}.{frame:0{FRAME_DIGITS}d}.{ext}"
@@ -258,8 +276,8 @@ def check_manifest(manifest, path: str | os.PathLike) -> None:
         _check_fields(shard, _SHARD_FIELDS, f"shards[{i}]", bad)
         name = shard["name"]
         # Names are plain file names of this folder: never a path that could point elsewhere.
-        if not SHARD_NAME.match(name) or not name.endswith(".tar") or shard["index"] != name[:-4] + ".idx" \
-                or not name.startswith(shard["group"] + "-") or shard["group"] not in groups.values():
+        if not plain_shard_names(name, shard["index"]) or not name.startswith(shard["group"] + "-") \
+                or shard["group"] not in groups.values():
             raise bad(f"shards[{i}] is {name!r} / {shard['index']!r} in group {shard['group']!r}, not a "
                       f"{manifest['dataset']} shard name")
     for split in groups:
@@ -273,6 +291,8 @@ def check_manifest(manifest, path: str | os.PathLike) -> None:
         fields = {**_ENTRY_FIELDS, "label": int} if split == "train" else _ENTRY_FIELDS
         for j, entry in enumerate(info["tracklets"]):
             _check_fields(entry, fields, f"splits.{split}.tracklets[{j}]", bad)
+            if not plain_key(entry["key"]):  # member names are built from it: never a path
+                raise bad(f"splits.{split}.tracklets[{j}].key is {entry['key'][:100]!r}, not a plain tracklet key")
     _check_fields(manifest["splits"]["train"], {"labels": dict}, "splits.train", bad)
     _check_person_splits(manifest, bad)
     for j, entry in enumerate(manifest["skipped"]):
@@ -300,6 +320,77 @@ def _check_person_splits(manifest: dict, bad) -> None:
                 raise bad(f"person_splits[{i}].{part} must be a list of integer pids")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Checks that the content hash cannot make: it is an unkeyed sha256, so it detects damage and edits made without
+# recomputing it, not an edit whose hash was recomputed. Readers check what is cheap against the shards.
+# ----------------------------------------------------------------------------------------------------------
+
+MEMBER_FLAGS = ("query", "junk", "distractor")
+
+
+def label_problems(train: dict) -> list[str]:
+    """Train labels must be 0..n-1 in ascending pid order, the same in `labels` and in every entry: a label of
+    99 among 10 identities would silently build a classifier of 100 classes."""
+    expected = {pid: label for label, pid in enumerate(sorted({e["pid"] for e in train["tracklets"]}))}
+    problems = []
+    if train["labels"] != {str(pid): label for pid, label in expected.items()}:
+        problems.append("train.labels is not the ascending-pid numbering 0..n-1 of the train identities")
+    wrong = [e["key"] for e in train["tracklets"] if e["label"] != expected[e["pid"]]]
+    if wrong:
+        problems.append(f"train tracklets {wrong[:3]} carry labels that do not follow their pids")
+    return problems
+
+
+def member_differences(entry: dict, meta: dict) -> list[str]:
+    """How a manifest entry differs from its tracklet's JSON member in the shard (key, pid, camera, frame count,
+    query/junk/distractor marks): e.g. ["pid 99 (shard: 17)"]."""
+    differ = [f"{f} {entry.get(f)!r} (shard: {meta.get(f)!r})" for f in ("key", "pid", "camid", "num_frames")
+              if meta.get(f) != entry.get(f)]
+    return differ + [f"{f} {bool(entry.get(f))} (shard: {bool(meta.get(f))})" for f in MEMBER_FLAGS
+                     if bool(meta.get(f)) != bool(entry.get(f))]
+
+
+def member_name_problem(name: str) -> str | None:
+    """Why a tar member name is not one prepare writes (a plain `<key>.json` / `<key>.<FFFFF>.<ext>` file name),
+    or None. An absolute name or one with '..' makes tools that extract the tar write outside their folder."""
+    if name.startswith("/"):
+        return "is absolute: tools extracting the tar would write it outside their folder"
+    if ".." in name.split("/"):
+        return "climbs out with '..': tools extracting the tar would write it outside their folder"
+    if "/" in name or "\\" in name or not plain_key(name.split(".", 1)[0]):
+        return "is not a plain file name of the format (<key>.json, <key>.<FFFFF>.jpg|png)"
+    return None
+
+
+# What the top of each raw dataset folder holds (the layouts `python -m prepare <reader>` reads).
+RAW_LAYOUTS = (("mars", {"bbox_train", "bbox_test"}), ("dukev", {"train", "query", "gallery"}),
+               ("ilidsvid", {"i-LIDS-VID"}), ("ilidsvid", {"ilids-vid"}), ("prid2011", {"prid_2011"}),
+               ("lsvid", {"list_sequence", "tracklet_test"}))
+
+
+def raw_dataset(directory: str | os.PathLike) -> str | None:
+    """The prepare reader whose raw layout `directory` has (mars, dukev, ilidsvid, prid2011, lsvid), or None."""
+    try:
+        names = set(os.listdir(directory))
+    except OSError:
+        return None
+    return next((reader for reader, top in RAW_LAYOUTS if top <= names), None)
+
+
+def _no_manifest(directory: Path) -> str:
+    """Why a folder has no manifest: an unfinished prepare (its records are there), a raw dataset, or neither."""
+    path = directory / MANIFEST
+    if (directory / ".prepare").is_dir():
+        return (f"{path}: missing; `python -m prepare` writes it last, so the dataset is not fully prepared: rerun "
+                "the same prepare command to finish it")
+    raw = raw_dataset(directory)
+    if raw:
+        return (f"{directory}: a raw {raw} dataset folder, not a prepared one (no {MANIFEST}); prepare it first: "
+                f"python -m prepare {raw} --data-dir {directory} --out shards/{raw}")
+    return (f"{directory}: not a prepared dataset (no {MANIFEST}, no prepare records); pass a folder written by "
+            "`python -m prepare mars|dukev|ilidsvid|prid2011|lsvid ... --out DIR`")
+
+
 def load_manifest(directory: str | os.PathLike) -> dict:
     """Load and check `manifest.json` of a prepared dataset directory (structure and content hash)."""
     path = Path(directory) / MANIFEST
@@ -308,8 +399,7 @@ def load_manifest(directory: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ShardFormatError(f"{path}: missing; `python -m prepare` writes it last, so the dataset is not "
-                               "fully prepared: rerun the same prepare command to finish it") from None
+        raise ShardFormatError(_no_manifest(Path(directory))) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e}); rerun prepare") from None
     except OSError as e:

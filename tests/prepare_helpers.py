@@ -1,4 +1,4 @@
-"""Helpers shared by the prepare tests: run the CLI, block a writer on a FIFO, wait on a subprocess."""
+"""Helpers shared by the prepare tests: run the CLI, block a writer mid-shard, wait on a subprocess."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 from prepare.cli import main as prepare_main
@@ -50,19 +52,44 @@ def wait_for(condition, proc, seconds=60):
         time.sleep(0.05)
 
 
+BLOCK = "STENVAN_TEST_BLOCK_FRAME"  # "<frame path>|<fifo path>": reading that frame waits on the FIFO
+PREPARE_MAIN = f"""
+import os, sys
+from prepare import cli, writer
+
+victim, _, fifo = os.environ.get("{BLOCK}", "").partition("|")
+real = writer.read_frame_file
+
+def read_frame_file(path, size):  # the frame's read never returns: nobody writes into the FIFO
+    if victim and os.path.abspath(path) == victim:
+        with open(fifo, "rb") as f:
+            f.read()
+    return real(path, size)
+
+writer.read_frame_file = read_frame_file  # the pool forks: its workers read through this too
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def prepare_argv(*args) -> list[str]:
+    """`python -m prepare ARGS` as a subprocess command; after `block_on_fifo`, its writer blocks mid-shard."""
+    return [sys.executable, "-c", PREPARE_MAIN, *map(str, args)]
+
+
 def block_on_fifo(tree, index=-1):
-    """Replace a train frame (default: of the last train identity) by a FIFO: a writer reading it blocks
-    mid-shard, after the earlier shards are finished. Returns a function that puts the frame back."""
+    """Make a `prepare_argv` process block while it reads a train frame (default: of the last train identity),
+    mid-shard, after the earlier shards are finished: the read waits on a FIFO of the test's own (a FIFO in the
+    dataset itself is refused: only regular files are frames). Returns a function that lifts the block for
+    later runs."""
     names = (Path(tree) / "info" / "train_name.txt").read_text().split()
     victim = Path(tree) / "bbox_train" / names[index][:4] / names[index]
-    original, stat = victim.read_bytes(), victim.stat()
-    victim.unlink()
-    os.mkfifo(victim)
+    fifo = Path(tree).parent / f".block-{uuid.uuid4().hex[:8]}.fifo"
+    os.mkfifo(fifo)
+    os.environ[BLOCK] = f"{os.path.abspath(victim)}|{fifo}"
 
     def restore():
-        victim.unlink()
-        victim.write_bytes(original)
-        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        os.environ.pop(BLOCK, None)
+        fifo.unlink(missing_ok=True)
     return restore
 
 

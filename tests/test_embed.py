@@ -294,3 +294,38 @@ def test_top_k_in_chunks_equals_a_full_stable_sort():
     for i in range(2):
         junk = ((pids == pids[i]) & (cams == cams[i])) | (pids == -1)
         assert set(idx[i][np.isinf(dist[i])]) == set(np.flatnonzero(junk))
+
+
+def test_a_frame_that_fails_in_a_worker_is_one_line(data, tmp_path, capsys):
+    """With decoding workers (the default --workers 2), the old error line carried the worker's traceback."""
+    broken = tmp_path / "broken"
+    for i, folder in enumerate(sorted((data / "tracklets").iterdir())[:3]):
+        shutil.copytree(folder, broken / folder.name)
+        if i == 2:
+            next((broken / folder.name).iterdir()).write_bytes(b"\xff\xd8 not a JPEG")
+    line = error_of(capsys, "--checkpoint", data / "model.pt", "--tracklets", broken, "--out", tmp_path / "f.npz",
+                    "--workers", "2")
+    assert "cannot be decoded as a JPEG or PNG image" in line and "Traceback" not in line
+    assert not (tmp_path / "f.npz").exists()
+
+
+def test_search_with_a_query_name_too_long_for_a_file_name(searched, tmp_path):
+    """A 250-character query folder: its picture's name is cut to fit (the old code raised OSError after part
+    of the outputs were written); the outputs appear together or not at all."""
+    query = tmp_path / "query"
+    first = sorted((searched / "query").iterdir())[0]
+    long_key = first.name + "_" + "x" * (250 - len(first.name) - 1)
+    shutil.copytree(first, query / long_key)
+    out = tmp_path / "out"
+    assert embed_cli.main(["--checkpoint", str(searched / "untrained.pt"), "--query", str(query), "--gallery",
+                           str(searched / "gallery"), "--top-k", "3", "--out", str(out), "--workers", "0"]) == 0
+    (picture,) = (out / "ranked").iterdir()
+    assert picture.name.startswith("0000_" + first.name) and len(picture.name) < 200
+    assert sorted(p.name for p in out.iterdir()) == ["gallery.npz", "query.npz", "ranked", "ranking.csv"]
+    assert long_key in (out / "ranking.csv").read_text()
+    # an earlier search is replaced only with --force, as a whole: no picture of the earlier one stays behind
+    args = ["--checkpoint", str(searched / "untrained.pt"), "--query", str(query), "--gallery",
+            str(searched / "gallery"), "--top-k", "3", "--out", str(out), "--workers", "0", "--pictures", "0"]
+    assert embed_cli.main(args) == 2
+    assert embed_cli.main(args + ["--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["gallery.npz", "query.npz", "ranking.csv"]

@@ -37,7 +37,10 @@ def bad_configs(tmp_path) -> dict:
     (tmp_path / "syntax.yaml").write_text("arch: nvan\nlr: [1e-4\nepochs: 3\n")
     (tmp_path / "folder.yaml").mkdir()
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00arch")
-    return {"syntax.yaml": "not valid YAML at line", "folder.yaml": "is a folder", "binary.yaml": "not a text file"}
+    (tmp_path / "int_key.yaml").write_text("arch: nvan\n1: 2\n")  # a TypeError in the old code
+    (tmp_path / "null_key.yaml").write_text("~: 2\n")
+    return {"syntax.yaml": "not valid YAML at line", "folder.yaml": "is a folder", "binary.yaml": "not a text file",
+            "int_key.yaml": "the key 1 is not a config key name", "null_key.yaml": "the key None is not a config key"}
 
 
 def test_bad_config_files_are_config_errors(tmp_path):
@@ -76,3 +79,28 @@ def test_bad_pretrained_files_name_the_file(shards, tmp_path, capsys):
         line = train_one_line(capsys, "--data", shards, "--out", tmp_path / "run", "--pretrained", tmp_path / name,
                               *TINY)
         assert f"{tmp_path / name}: " in line and message in line
+
+
+def test_a_checkpoint_holding_pickled_code_is_one_line_without_unsafe_advice(tmp_path, capsys):
+    """torch's refusal is six lines ending in "re-running with weights_only=False will likely succeed" (which would
+    run the code); it says so even for a file that is not a PyTorch file. Never that advice, always one line."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    torch.save({"format": "stenvan-checkpoint", "model": Payload()}, tmp_path / "code.pt")
+    (tmp_path / "text.pt").write_text("hello, not a checkpoint")
+    for args, message in (
+            (["eval", "--checkpoint", tmp_path / "code.pt", "--data", data, "--out", out],
+             "refused: the file holds pickled Python code (posix.getcwd)"),
+            (["eval", "--checkpoint", tmp_path / "code.pt", "--original-arch", "nvan", "--data", data, "--out",
+              out], "refused: the file holds pickled Python code (posix.getcwd)"),
+            (["embed", "--checkpoint", tmp_path / "code.pt", "--tracklets", data, "--out", out / "f.npz"],
+             "refused: the file holds pickled Python code (posix.getcwd)"),
+            (["export", "--checkpoint", tmp_path / "code.pt", "--out", out / "m.onnx"],
+             "refused: the file holds pickled Python code (posix.getcwd)"),
+            (["eval", "--checkpoint", tmp_path / "text.pt", "--data", data, "--out", out],
+             "cannot be loaded as a stenvan checkpoint (not a PyTorch file, or a damaged one)")):
+        capsys.readouterr()
+        code = importlib.import_module(args[0]).main([str(a) for a in args[1:]])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, lines)
+        assert "weights_only" not in lines[0] and "will likely succeed" not in lines[0]

@@ -115,3 +115,14 @@ def test_a_takeover_never_removes_a_lock_another_process_took_meanwhile(tmp_path
     assert f"pid {winner.pid} " in str(e.value) and record(tmp_path)["pid"] == winner.pid
     winner.kill()
     winner.wait()
+
+
+def test_an_empty_lock_file_says_what_to_do_not_rerun(tmp_path):
+    """An empty .lock (a writer killed between creating it and writing its record, or a `touch`): the old code
+    said "rerun", and every rerun failed the same way."""
+    (tmp_path / LOCK_NAME).write_bytes(b"")
+    os.utime(tmp_path / LOCK_NAME, (1, 1))  # empty for long: no record is on its way
+    with pytest.raises(LockError) as e:
+        FolderLock(tmp_path, "second").acquire()
+    assert str(e.value).startswith(f"{tmp_path / LOCK_NAME}: exists but is empty, not a lock record")
+    assert f"delete {tmp_path / LOCK_NAME}" in str(e.value) and "rerunning alone will not help" in str(e.value)

@@ -144,3 +144,20 @@ def test_the_fingerprint_identifies_the_dataset(mars_tree, mars_shards, tmp_path
     coarser = tmp_path / "coarser"
     assert run_prepare("mars", "--data-dir", mars_tree, "--out", coarser, "--workers", 1) == 0
     assert dataset_fingerprint(load_manifest(coarser)) != dataset_fingerprint(first)  # other shards
+
+
+def test_verify_and_inspect_on_a_raw_dataset_say_what_it_is(mars_tree, dukev_tree, tmp_path, capsys):
+    """The old line for a folder without manifest.json advised rerunning "the same prepare command" (which never
+    ran): a raw dataset or any other folder is named as such."""
+    from prepare_helpers import run_prepare
+
+    (tmp_path / "empty").mkdir()
+    for folder, expected in ((mars_tree, f"{mars_tree}: a raw mars dataset folder, not a prepared one"),
+                             (dukev_tree, f"python -m prepare dukev --data-dir {dukev_tree} --out shards/dukev"),
+                             (tmp_path / "empty", f"{tmp_path / 'empty'}: not a prepared dataset")):
+        for command in ("verify", "inspect"):
+            capsys.readouterr()
+            code = run_prepare(command, folder)
+            said = capsys.readouterr()
+            text = said.out + said.err
+            assert code != 0 and expected in text and "rerun" not in text, (command, text)

@@ -111,4 +111,4 @@ def test_verify_deep_decodes_png_and_finds_a_damaged_one(png_data, tmp_path):
     data[offset + size // 2] ^= 0xFF  # inside the compressed image data: its CRC no longer matches
     shard.write_bytes(bytes(data))
     problems = verify(copy, deep=True)
-    assert any("does not decode" in p and index[7] in p for p in problems), problems
+    assert any("cannot be decoded" in p and index[7] in p for p in problems), problems

@@ -9,7 +9,7 @@ import sys
 import time
 
 import numpy as np
-from prepare_helpers import REPO, block_on_fifo, run_prepare, shard_mars, wait_for
+from prepare_helpers import REPO, block_on_fifo, prepare_argv, run_prepare, shard_mars, wait_for
 from scipy.io import loadmat
 
 from prepare.verify import verify
@@ -88,8 +88,7 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_bytes(mars_tree, copy_
     tree = copy_tree(mars_tree)
     restore = block_on_fifo(tree)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "prepare", "mars", "--data-dir", str(tree), "--out", str(out), "--workers", "1",
-           "--shard-size", "200KB"]
+    cmd = prepare_argv("mars", "--data-dir", tree, "--out", out, "--workers", 1, "--shard-size", "200KB")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # Temporary files and records live in .prepare/, never beside the shards.
     wait_for(lambda: list((out / ".prepare").glob("*.tmp")) and list((out / ".prepare").glob("*.tar.json")), proc)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from prepare.records import load_records
 from prepare.writer import shard_intact
-from prepare_helpers import REPO, block_on_fifo, children, error_lines, run_prepare, shard_mars, wait_for
+from prepare_helpers import (REPO, block_on_fifo, children, error_lines, prepare_argv, run_prepare, shard_mars,
+                             wait_for)
 
 
 def prepare_cmd(tree, out, workers=1):
-    return [sys.executable, "-m", "prepare", "mars", "--data-dir", str(tree), "--out", str(out), "--workers",
-            str(workers), "--shard-size", "200KB"]
+    return prepare_argv("mars", "--data-dir", tree, "--out", out, "--workers", workers, "--shard-size", "200KB")
 
 
 def sigint_as_in_a_terminal() -> None:
@@ -97,7 +97,7 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_continues(mars_tree, copy_tree, 
 
 def test_sigterm_stops_like_ctrl_c(mars_tree, copy_tree, tmp_path):
     tree = copy_tree(mars_tree)
-    block_on_fifo(tree)
+    restore = block_on_fifo(tree)
     out = tmp_path / "out"
     proc = subprocess.Popen(prepare_cmd(tree, out, workers=1), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -108,6 +108,7 @@ def test_sigterm_stops_like_ctrl_c(mars_tree, copy_tree, tmp_path):
     assert "prepare: interrupted by SIGTERM" in err
     assert not (out / ".lock").exists() and not list(out.rglob("*.tmp"))
     assert json.loads((out / ".prepare" / "run.json").read_text())["dataset"] == "mars"
+    restore()
 
 
 HELD_LOCK_RUN = """
@@ -116,7 +117,7 @@ from prepare import writer
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even where the tests ignore SIGINT
 
-def hold_the_progress_lock(job, out_dir, skip_bad, expect):
+def hold_the_progress_lock(job, out_dir, skip_bad, *expect):
     writer._frames_done.get_lock().acquire()  # the pool's SIGTERM will land inside `with get_lock()`
     time.sleep(3600)
 

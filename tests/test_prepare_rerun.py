@@ -115,26 +115,75 @@ def test_same_frames_with_new_file_times_are_checked_not_refused(mars_tree, fini
     assert "checking" not in capsys.readouterr().err
 
 
+def test_new_frame_times_alone_leave_every_file_in_place(mars_tree, finished, copy_tree, capsys):
+    """A copy or rsync without -p gives every frame new times: the rerun checks the bytes and, finding them the
+    same, leaves each shard, index and the manifest as they were (same inode and time), so that a job reading
+    the dataset goes on; the old code renamed a rewritten copy of each shard into place ("shard replaced")."""
+    from stenvan.data import TrackletTable
+
+    tree, out = copy_tree(mars_tree, "tree"), copy_tree(finished, "out")
+    for frame in tree.rglob("*.jpg"):
+        os.utime(frame, ns=(10**18, 10**18))
+    files = sorted(p for p in out.iterdir() if p.is_file() and p.name != ".lock")
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    tables = [TrackletTable.from_dir(out, split) for split in ("train", "gallery")]  # a training and an eval job
+    capsys.readouterr()
+    assert rerun(tree, out) == 0
+    err = capsys.readouterr().err
+    assert "with changed frame times" in err and "up to date" in err, err
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
+    for table in tables:
+        table.check_shards()  # ShardChangedError for a replaced shard
+    capsys.readouterr()
+    assert rerun(tree, out) == 0  # the new times are recorded: now a plain no-op
+    assert "checking" not in capsys.readouterr().err
+
+
 def test_prepare_never_deletes_files_it_did_not_write(mars_tree, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
+    shard_mars(mars_tree, out, "--shard-size", "200KB")
+    (out / "manifest.json").unlink()  # unfinished: the next run continues it with another plan
     foreign = {".notes.tmp": b"mine", ".train-00000.tar.123.tmp": b"not prepare's", "train-00042.tar": b"an old tar",
                "test-00009.idx": b"v1.2 0\n", "README": b"hello", ".progress/x.tar.json": b"{}"}
     for name, data in foreign.items():
         (out / name).parent.mkdir(exist_ok=True)
         (out / name).write_bytes(data)
-    shard_mars(mars_tree, out, "--shard-size", "200KB")
+    shard_mars(mars_tree, out, "--shard-size", "300KB")
     assert all((out / name).read_bytes() == data for name, data in foreign.items())
     assert verify(out) == []
 
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "train-00000.tar").write_bytes(b"someone's archive")  # a name the plan would write
+    (tmp_path / "other" / "train-00000.tar").write_bytes(b"someone's archive")  # a folder prepare did not write
     capsys.readouterr()
     assert run_prepare("mars", "--data-dir", mars_tree, "--out", tmp_path / "other", "--workers", 1) == 2
     errors = error_lines(capsys.readouterr().err)
-    assert len(errors) == 1 and "train-00000.tar: exists and was not written by prepare" in errors[0]
+    assert errors == [f"prepare: error: {tmp_path / 'other'}: holds 1 other entries (e.g. train-00000.tar), not a "
+                      "dataset prepared by `python -m prepare`, so prepare mars does not write there; choose another "
+                      "--out"]
     assert (tmp_path / "other" / "train-00000.tar").read_bytes() == b"someone's archive"
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["train-00000.tar"]  # no lock or records left
+
+
+def test_a_record_naming_a_file_outside_the_folder_is_refused(mars_tree, tmp_path, capsys):
+    """A record in .prepare/ that names ../../victim (a copied or foreign unfinished folder) is refused, never
+    followed: the old code deleted the victim as a shard 'of an earlier unfinished run with another plan'."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "a" / "b"
+    shard_mars(mars_tree, out, "--shard-size", "200KB")
+    (out / "manifest.json").unlink()  # an unfinished run: the next one removes recorded shards it does not plan
+    record = json.loads((out / ".prepare" / "train-00000.tar.json").read_text())
+    for name, index in (("train-00099.tar", "../../victim.txt"), ("train-00098.tar", str(victim))):
+        (out / ".prepare" / f"{name}.json").write_text(json.dumps({**record, "name": name, "index": index}))
+        capsys.readouterr()
+        assert run_prepare("mars", "--data-dir", mars_tree, "--out", out, "--workers", 1, "--shard-size", "200KB") == 2
+        errors = error_lines(capsys.readouterr().err)
+        assert len(errors) == 1 and f"{name}.json: names the files" in errors[0] and "not a shard" in errors[0], errors
+        assert victim.read_text() == "precious"
+        (out / ".prepare" / f"{name}.json").unlink()
+    (out / ".prepare" / "train-00000.tar.json").write_text(json.dumps({**record, "keys": ["../x"]}))
+    assert run_prepare("mars", "--data-dir", mars_tree, "--out", out, "--workers", 1, "--shard-size", "200KB") == 2
+    assert "lists the tracklet key '../x', not a plain key" in capsys.readouterr().err
 
 
 def test_an_unfinished_run_with_another_plan_removes_only_its_own_shards(mars_tree, tmp_path, capsys):

@@ -8,6 +8,7 @@ import builtins
 import errno
 import importlib
 import io
+import json
 import os
 
 import pytest
@@ -84,8 +85,8 @@ def read_only(folder, monkeypatch) -> None:
 def test_train_out_that_is_a_file(shards, tmp_path, capsys):  # noqa: F811
     (tmp_path / "run").write_text("not a folder")
     line = one_error_line(capsys, "train", train_args(shards, tmp_path / "run"))
-    assert line == (f"train: error: {tmp_path / 'run'}: exists and is not a folder; --out names the run folder "
-                    "(checkpoints, logs): choose another path")
+    assert line == (f"train: error: {tmp_path / 'run'}: exists and is not a folder (a file of another kind); --out "
+                    "names a folder: choose another path")
 
 
 def test_train_in_a_read_only_folder(shards, tmp_path, capsys, monkeypatch):  # noqa: F811
@@ -197,7 +198,8 @@ def eval_args(model, shards, out):  # noqa: F811
 def test_eval_out_that_is_a_file(model, shards, tmp_path, capsys):  # noqa: F811
     (tmp_path / "eval").write_text("not a folder")
     line = one_error_line(capsys, "eval", eval_args(model, shards, tmp_path / "eval"))
-    assert line == f"eval: error: {tmp_path / 'eval'}: exists and is not a folder; --out names the output folder"
+    assert line == (f"eval: error: {tmp_path / 'eval'}: exists and is not a folder (a file of another kind); --out "
+                    "names a folder: choose another path")
 
 
 def test_eval_into_a_read_only_folder(model, shards, tmp_path, capsys, monkeypatch):  # noqa: F811
@@ -215,7 +217,8 @@ def test_a_full_disk_while_eval_writes_leaves_the_earlier_outputs_as_they_were(
 
     out = tmp_path / "eval"
     out.mkdir()
-    (out / "metrics.json").write_text("an earlier evaluation's\n")
+    earlier = json.dumps({"official": {"rank1": 0.5}, "checkpoint": "an earlier evaluation's"}) + "\n"
+    (out / "metrics.json").write_text(earlier)
     real = stenvan.evaluation.evaluate.atomic_write
 
     def atomic_write(path, data, tmp_dir=None):
@@ -224,8 +227,8 @@ def test_a_full_disk_while_eval_writes_leaves_the_earlier_outputs_as_they_were(
         return real(path, data, tmp_dir)
 
     monkeypatch.setattr(stenvan.evaluation.evaluate, "atomic_write", atomic_write)
-    line = one_error_line(capsys, "eval", eval_args(model, shards, out))
+    line = one_error_line(capsys, "eval", eval_args(model, shards, out) + ["--force"])
     assert line == (f"eval: error: {out / 'features.npz'}: No space left on device; the disk is full: free some "
                     "space, then rerun")
     assert [p.name for p in out.iterdir()] == ["metrics.json"]  # no staging folder, no new file beside the old
-    assert (out / "metrics.json").read_text() == "an earlier evaluation's\n"
+    assert (out / "metrics.json").read_text() == earlier

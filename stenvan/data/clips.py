@@ -21,15 +21,17 @@ def frame_size(data) -> tuple[int, int] | None:
     return jpeg_size(buf)
 
 
-def decode_rgb(data: torch.Tensor) -> torch.Tensor:
-    """A frame's encoded bytes (uint8 tensor: JPEG or PNG) -> RGB uint8 (3, h, w), decoded by torchvision (libjpeg
-    for JPEG, as before; libpng for PNG, lossless: the pixels of the file). A 16-bit PNG keeps its high byte."""
-    from torchvision.io import ImageReadMode, decode_image
+class WorkerFailure:
+    """A user error of a DataLoader worker (a shard changed, a frame that does not decode) travelling as data:
+    raised in the worker, it would reach the main process wrapped in the worker's traceback text."""
 
-    image = decode_image(data, mode=ImageReadMode.RGB)
-    if image.dtype == torch.uint16:
-        image = (image.to(torch.int32) >> 8).to(torch.uint8)
-    return image
+    def __init__(self, message: str):
+        self.message = message
+
+    @staticmethod
+    def first(items) -> "WorkerFailure | None":
+        """The first failure among a batch's items (collate functions return it instead of a batch)."""
+        return next((item for item in items if isinstance(item, WorkerFailure)), None)
 
 
 def jpeg_size(data) -> tuple[int, int] | None:
@@ -71,17 +73,24 @@ def as_clips(frames: torch.Tensor) -> torch.Tensor:
     return frames.permute(0, 1, 4, 2, 3)
 
 
+def resize_frame(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 (3, h, w) -> (3, H, W), antialiased bilinear; frames already H×W are returned untouched (the torch
+    loader, embed.py and the ONNX recipe all resize with this)."""
+    from torchvision.transforms.v2.functional import InterpolationMode, resize
+
+    if tuple(image.shape[1:]) == (height, width):
+        return image
+    return resize(image, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
 def load_clip(table, store, spec, height: int, width: int) -> torch.Tensor:
     """Decode, resize (only frames not already H×W), crop, erase and flip one clip: uint8 (T, 3, H, W)."""
-    from torchvision.transforms.v2.functional import InterpolationMode, resize
+    from stenvan.decode import decode_frame
 
     frames = []
     for location in table.frame_locations(spec.tracklet, spec.frames):
-        data = torch.from_numpy(store.read(*location).copy())
-        img = decode_rgb(data)  # (3, h, w) uint8
-        if tuple(img.shape[1:]) != (height, width):
-            img = resize(img, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        frames.append(img)
+        img = decode_frame(store.read(*location), f"{store.paths[location[0]]}: member {location[3]}")  # (3, h, w)
+        frames.append(resize_frame(img, height, width))
     clip = torch.stack(frames)  # (T, 3, H, W)
     return augment_clip(clip, spec)
 

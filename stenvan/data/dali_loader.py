@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from stenvan.data.clips import IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL, as_clips, frame_size
+from stenvan.decode import dali_decode
 from stenvan.data.lifeline import die_with_parent, forked_children_die_with_us
 from stenvan.data.table import ShardChangedError
 
@@ -132,7 +133,7 @@ def build_pipeline(source, *, batch_size: int, height: int, width: int, device: 
                                             parallel=True, prefetch_queue_depth=2)
         extra = dict(zip(source.names, rest))
         # One decoder over the batch's B·T frames: nvJPEG (mixed) batches them all on a GPU.
-        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)  # (h, w, 3)
+        image = dali_decode(encoded, gpu)  # (h, w, 3) uint8 RGB, the project's one decoding rule
         if extra["needs_resize"]:  # per frame, from its JPEG header: resizing an H×W frame costs a lot on the CPU
             image = fn.resize(image, size=[height, width], interp_type=types.INTERP_LINEAR, antialias=True)
         if source.pad:  # H×W window at the clip's (top, left) anchor; outside the frame is black

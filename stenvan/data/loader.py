@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from stenvan.data import dali_loader
-from stenvan.data.clips import as_clips, load_clip, normalize
+from stenvan.data.clips import WorkerFailure, as_clips, load_clip, normalize
 from stenvan.data.lifeline import die_with_parent
 from stenvan.data.sampling import Augment, IdentitySampler, TrainPlan, eval_clips
 from stenvan.data.table import ShardChangedError, TrackletTable
@@ -50,13 +50,6 @@ def _check(backend: str, dtype: torch.dtype, clip_len: int, height: int, width: 
 # Torch backend: a DataLoader whose batch sampler yields ClipSpecs computed in the main process
 # ----------------------------------------------------------------------------------------------------------
 
-class _Failure:
-    """A shard error travelling as data: raised in a worker it would reach us wrapped in its traceback text."""
-
-    def __init__(self, message: str):
-        self.message = message
-
-
 class _ClipDataset(torch.utils.data.Dataset):
     """dataset[spec] -> (clip (T, H, W, 3), tracklet, label, camid); frames read from this process's files.
 
@@ -72,7 +65,7 @@ class _ClipDataset(torch.utils.data.Dataset):
         try:
             clip = load_clip(self.table, self.store, spec, self.height, self.width)  # (T, 3, H, W)
         except ShardFormatError as e:
-            return _Failure(str(e))
+            return WorkerFailure(str(e))
         if self.dtype is not None:  # normalising (T, 3, H, W) and then copying is faster than normalising HWC
             clip = normalize(clip, self.dtype)
         i = spec.tracklet
@@ -83,8 +76,8 @@ class _ClipDataset(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    """-> (clips (B, T, H, W, 3), tracklets, labels, camids (B,) int64), or the first _Failure."""
-    failed = next((item for item in items if isinstance(item, _Failure)), None)
+    """-> (clips (B, T, H, W, 3), tracklets, labels, camids (B,) int64), or the first WorkerFailure."""
+    failed = WorkerFailure.first(items)
     if failed is not None:
         return failed
     clips, tracklets, labels, camids = zip(*items)
@@ -94,7 +87,7 @@ def _collate(items):
 def _torch_batches(loader):
     """The DataLoader's batches, with a shard error raised here as one clean ShardChangedError."""
     for batch in loader:
-        if isinstance(batch, _Failure):
+        if isinstance(batch, WorkerFailure):
             raise ShardChangedError(batch.message)
         yield batch
 

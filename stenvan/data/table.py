@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from stenvan.person_splits import Split, check_split, entries
-from stenvan.shards import BLOCK, FRAME_EXTS, ShardFormatError, frame_member, load_manifest, read_index, split_names
+from stenvan.shards import (BLOCK, FRAME_EXTS, ShardFormatError, frame_member, label_problems, load_manifest,
+                            member_differences, read_index, split_names)
 
 
 @dataclass(frozen=True)
@@ -267,10 +268,33 @@ class TrackletTable:
         if any(t.num_frames < 1 for t in tracklets):
             bad = next(t.key for t in tracklets if t.num_frames < 1)
             raise ShardFormatError(f"{manifest_path}: tracklet {bad} has no frames; rerun prepare")
+        edited = ("; the manifest was edited (its content hash recomputed) or is wrong: rerun the prepare command "
+                  "that wrote it (it restores the manifest)")
+        for problem in label_problems(manifest["splits"]["train"]) if split == "train" else []:
+            raise ShardFormatError(f"{manifest_path}: {problem}{edited}")
 
         num_ids = len({t.pid for t in tracklets if t.pid > 0})
-        return cls(directory, split, manifest["dataset"], tracklets, num_ids,
-                   [str((directory / name).resolve()) for name in shard_ids], np.array(shard_of, dtype=np.int32),
-                   np.array(starts, dtype=np.int64), np.array(offsets, dtype=np.int64),
-                   np.array(sizes, dtype=np.int64), np.array(json_locs, dtype=np.int64).reshape(-1, 2),
-                   [i[1] for i in indexes], [i[3] for i in indexes], np.array(exts, dtype=np.uint8), person_split)
+        table = cls(directory, split, manifest["dataset"], tracklets, num_ids,
+                    [str((directory / name).resolve()) for name in shard_ids], np.array(shard_of, dtype=np.int32),
+                    np.array(starts, dtype=np.int64), np.array(offsets, dtype=np.int64),
+                    np.array(sizes, dtype=np.int64), np.array(json_locs, dtype=np.int64).reshape(-1, 2),
+                    [i[1] for i in indexes], [i[3] for i in indexes], np.array(exts, dtype=np.uint8), person_split)
+        table.check_members(rows, f"{manifest_path}: {split} tracklet", edited)
+        return table
+
+    def check_members(self, rows: list[dict], where: str, advice: str) -> None:
+        """Each manifest entry against its tracklet's JSON member in the shard (pid, camera, frame count, marks):
+        one small `pread` per tracklet, what the manifest's unkeyed hash cannot vouch for."""
+        store = self.store()
+        try:
+            for i, row in enumerate(rows):
+                try:
+                    meta = self.metadata(i, store)
+                except (ValueError, UnicodeDecodeError):
+                    raise ShardFormatError(f"{where} {row['key']}: its JSON member in {row['shard']} is not JSON"
+                                           "; rerun prepare") from None
+                differ = member_differences(row, meta if isinstance(meta, dict) else {})
+                if differ:
+                    raise ShardFormatError(f"{where} {row['key']}: the manifest says {', '.join(differ)}{advice}")
+        finally:
+            store.close()

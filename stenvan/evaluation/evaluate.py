@@ -14,10 +14,8 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -153,10 +151,15 @@ def evaluate_model(model, shard_dir: str, *, mode: str, clip_len: int, height: i
     DukeV {"official", "standard", "torchreid"}; iLIDS-VID, PRID-2011 {"cross_camera"} of person split `split`;
     LS-VID {"sinet", "bicnet"}, or {"bicnet"} on its val set (split "val"). The manifest is read and checked once
     (or given: `load_manifest(shard_dir)`), and each evaluated split's table once (the loader and the thumbnails
-    share it)."""
+    share it). An empty gallery is refused before any feature is computed (every query would score 0)."""
     from stenvan.data import TrackletTable
 
     manifest = manifest if manifest is not None else load_manifest(shard_dir)
+    if not any(entries(manifest, name, split) for name, _, in_gallery in eval_sets(manifest, split) if in_gallery):
+        named = "" if split is None else f" (split {split})"
+        raise ValueError(f"{shard_dir}: its gallery split{named} is empty: there is nothing to rank the queries "
+                         "against; evaluate a dataset whose test tracklets were prepared (see `python -m prepare "
+                         "inspect`)")
     parts, tables, stats = [], {}, {"frames": 0, "seconds": 0.0}
     for name, _, _ in eval_sets(manifest, split):
         tables[name] = TrackletTable.from_dir(shard_dir, name, split, manifest)
@@ -196,18 +199,16 @@ OUTPUTS = ("metrics.json", "features.npz", "cmc.png", "ranked_list.png")
 
 def write_outputs(out_dir: str | os.PathLike, results: dict, evaluation: Evaluation, metric: str, extra: dict,
                   num_queries_shown: int = 6):
-    """metrics.json, features.npz, cmc.png and ranked_list.png in `out_dir`, written together: all of them into a
-    staging folder inside `out_dir` first, then each renamed into place (renames need no space), so a failure
-    (a full disk) leaves `out_dir` as it was, never a new metrics.json beside an older run's features.
+    """metrics.json, features.npz, cmc.png and ranked_list.png in `out_dir`, written together
+    (stenvan.outputs.written_together: a staging folder, then renames), so a failure (a full disk) leaves `out_dir`
+    as it was, never a new metrics.json beside an older run's features.
     `results`: the evaluation's own, or with re-ranked entries added (`with_rerank`)."""
+    from stenvan.outputs import written_together
+
     features, records = evaluation.features, evaluation.records
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / f".staging.{os.getpid()}.tmp"
-    staging.mkdir()
-    try:
+    with written_together(out_dir, OUTPUTS) as staging:
         metrics = {**scalar_metrics(results), **extra}
-        atomic_write(staging / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+        atomic_write(staging / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False) + "\n")
         buffer = io.BytesIO()
         np.savez(buffer, keys=records.keys, pids=records.pids, camids=records.camids, is_query=records.is_query,
                  features=features.astype(np.float32))
@@ -223,14 +224,6 @@ def write_outputs(out_dir: str | os.PathLike, results: dict, evaluation: Evaluat
         ranked = [[thumbs(j) for j in order[i]] for i in range(len(rows))]
         titles = [str(records.keys[records.query_indices[r]]) for r in rows]
         plot_ranked_list(query_thumbs, ranked, statuses.tolist(), staging / "ranked_list.png", query_titles=titles)
-        for name in OUTPUTS:
-            os.replace(staging / name, out_dir / name)
-    except OSError as e:  # name the output that failed, not its temp file in the staging folder
-        if e.filename and Path(e.filename).parent == staging:
-            e.filename = str(out_dir / next((n for n in OUTPUTS if n in Path(e.filename).name), Path(e.filename).name))
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return metrics
 
 
@@ -242,9 +235,11 @@ def _subset_queries(records: Tracklets, rows: list[int]) -> Tracklets:
 
 
 def thumbnails(tables: dict, origin: list[tuple[str, int]]):
-    """record index -> the tracklet's first frame as a 64x32 RGB thumbnail (read from its shard by offset);
-    `tables`: split -> TrackletTable, `origin`: each record's (split, index in that split)."""
-    from PIL import Image
+    """record index -> the tracklet's first frame as a 64x32 RGB uint8 thumbnail (read from its shard by offset,
+    decoded by the loaders' rule: EXIF ignored); `tables`: split -> TrackletTable, `origin`: each record's
+    (split, index in that split)."""
+    from stenvan.data.clips import resize_frame
+    from stenvan.decode import decode_frame
 
     stores: dict[str, object] = {}
 
@@ -252,9 +247,9 @@ def thumbnails(tables: dict, origin: list[tuple[str, int]]):
         split, i = origin[record]
         table = tables[split]
         store = stores.setdefault(split, table.store())
-        data = store.read(*table.frame_locations(i, [0])[0]).tobytes()
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB").resize((32, 64), Image.BILINEAR))
+        location = table.frame_locations(i, [0])[0]
+        frame = decode_frame(store.read(*location), location[3])
+        return resize_frame(frame, 64, 32).permute(1, 2, 0).numpy()
 
     return thumb
 
@@ -266,18 +261,22 @@ def load_model_for_eval(checkpoint: str, original_arch: str | None, untrained: b
     untrained=True builds the same model with the run's seed and initial weights, without loading any.
     """
     from stenvan.checkpoint import CheckpointError, read_checkpoint
+    from stenvan.errors import torch_load_error
     from stenvan.config import config_from_dict
     from stenvan.models.from_config import build_model_from_config
 
     if original_arch:
         from stenvan.models import load_original_checkpoint
 
+        if os.path.exists(checkpoint) and not os.path.isfile(checkpoint):  # a folder, a FIFO (it would block)
+            raise CheckpointError(f"{checkpoint}: not a checkpoint file (a folder or a special file)")
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise CheckpointError(f"{checkpoint}: checkpoint not found") from None
         except Exception as e:  # noqa: BLE001 - torch raises many types for a file it cannot read
-            raise CheckpointError(f"{checkpoint}: cannot be loaded as a PyTorch state dict ({type(e).__name__})") from None
+            raise CheckpointError(torch_load_error(checkpoint, e, "a PyTorch state dict", "pass the original "
+                                                   "project's released .pth file")) from None
         try:
             model = load_original_checkpoint(state, original_arch)
         except (ValueError, RuntimeError) as e:

@@ -29,7 +29,9 @@ Open points, decided here:
   trapezoid = (1/G) Σ_k (p_{r_k−1} + k/r_k)/2, with p_{r−1} the precision at the previous non-junk rank and
   p_0 = 1. This is liangzheng06/MARS-evaluation `utils/compute_AP.m` (also Market-1501's), which adds
   (recall − old_recall)·(old_precision + precision)/2 at every non-junk rank with old_precision starting at 1.
-- If a protocol scores no query at all, its metrics are NaN (never a silent 0).
+- If a protocol scores no query at all (no queries; its gallery is empty; torchreid: no query has a cross-camera
+  match), its metrics are NaN, never a silent 0, and `note` says why; `scalar_metrics` (what goes into JSON)
+  turns them into null, as JSON has no NaN. An evaluation without any gallery tracklet is refused.
 
 Distance matrix convention: dist has shape (#queries, #records); row r is the query
 `records.query_indices[r]` (records in order), column j is record j. Columns outside a protocol's gallery
@@ -162,7 +164,20 @@ def evaluate_protocol(dist: np.ndarray, records: Tracklets, name: ProtocolName) 
     first, ap, n_good = (np.concatenate(parts) for parts in zip(*chunks))
 
     scored = n_good > 0 if p.skip_unmatched else np.ones(len(first), dtype=bool)
-    return _summarise(first[scored], ap[scored], num_gallery=int(gallery.sum()))
+    result = _summarise(first[scored], ap[scored], num_gallery=int(gallery.sum()))
+    if not result["num_queries"] or not result["num_gallery"]:
+        result = {**_summarise(first[:0], ap[:0], int(gallery.sum())), "note": _why_nothing(records, gallery, p)}
+    return result
+
+
+def _why_nothing(records: Tracklets, gallery: np.ndarray, p: Protocol) -> str:
+    """Why a protocol scored no query (its metrics are then NaN, null in JSON)."""
+    if not records.is_query.any():
+        return "nothing to score: there are no queries"
+    if not gallery.any():
+        dropped = " and the queries" if p.drop_queries else ""
+        return f"nothing to score: its gallery is empty once junk (label -1){dropped} are left out"
+    return "nothing to score: no query has a match from another camera in its gallery"
 
 
 def _summarise(first: np.ndarray, ap: np.ndarray, num_gallery: int) -> dict:
@@ -203,7 +218,9 @@ def query_distances(features, records: Tracklets, metric: Metric = "cosine") -> 
 def evaluate_all(features, records: Tracklets, metric: Metric = "cosine",
                  names: tuple[str, ...] = MARS_PROTOCOLS) -> dict[str, dict]:
     """{name: {...}} for each protocol of `names` (default MARS's official, standard, torchreid), from one distance
-    matrix."""
+    matrix. ValueError without any gallery tracklet: every query would score 0, which is no evaluation."""
+    if not np.asarray(records.in_gallery).any():
+        raise ValueError("no gallery tracklets: there is nothing to rank the queries against")
     dist = query_distances(features, records, metric)
     return {name: evaluate_protocol(dist, records, name) for name in names}
 
@@ -226,8 +243,12 @@ def top_k_matches(dist: np.ndarray, records: Tracklets, name: ProtocolName = "of
 
 
 def scalar_metrics(results: dict[str, dict]) -> dict[str, dict]:
-    """evaluate_all's output without the CMC arrays: what goes into metrics.jsonl."""
-    return {name: {k: v for k, v in r.items() if k != "cmc"} for name, r in results.items()}
+    """evaluate_all's output without the CMC arrays, NaN (a protocol with nothing to score, see its `note`) as
+    None: what goes into JSON (metrics.json, --summary), which has no NaN."""
+    def plain(v):
+        return None if isinstance(v, float) and np.isnan(v) else v
+
+    return {name: {k: plain(v) for k, v in r.items() if k != "cmc"} for name, r in results.items()}
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -235,8 +256,14 @@ def format_table(results: dict[str, dict]) -> str:
     width = max([10] + [len(name) + 1 for name in results])  # "torchreid_rerank" is longer than "protocol"
     header = f"{'protocol':<{width}}" + "".join(f"{f'rank-{k}':>9}" for k in RANKS) + \
         f"{'mAP':>9}{'#queries':>10}{'#gallery':>10}"
-    lines = [header]
+    lines, notes = [header], []
+
+    def cell(v) -> str:
+        return f"{'n/a':>9}" if v is None or np.isnan(v) else f"{100 * v:>9.2f}"
+
     for name, r in results.items():
-        cells = "".join(f"{100 * r[f'rank{k}']:>9.2f}" for k in RANKS)
-        lines.append(f"{name:<{width}}{cells}{100 * r['mAP']:>9.2f}{r['num_queries']:>10d}{r['num_gallery']:>10d}")
-    return "\n".join(lines)
+        cells = "".join(cell(r[f"rank{k}"]) for k in RANKS)
+        lines.append(f"{name:<{width}}{cells}{cell(r['mAP'])}{r['num_queries']:>10d}{r['num_gallery']:>10d}")
+        if r.get("note"):
+            notes.append(f"{name}: {r['note']}")
+    return "\n".join(lines + notes)

@@ -2,8 +2,9 @@
 (stenvan.training.splits) after each split.
 
 The split is checked against the dataset before any model is loaded, the model against the split's identities
-(stenvan.evaluation.leakage) before any feature is computed, and the output folder before the features too; the
-outputs are written together (stenvan.evaluation.evaluate.write_outputs).
+(stenvan.evaluation.leakage) before any feature is computed, and the output folder before all of them
+(stenvan.outputs: new, empty or an earlier evaluation, replaced only with `force`); the outputs are written
+together (stenvan.evaluation.evaluate.write_outputs).
 """
 
 from __future__ import annotations
@@ -25,15 +26,20 @@ def evaluate_checkpoint(checkpoint: str, data: str, out: Path, *, split: Split =
                         device: str = "auto", precision: str = "auto", loader: str = "dali", workers: int = 2,
                         batch_size: int = 32, metric: str = "cosine", original_arch: str | None = None,
                         untrained: bool = False, clip_len: int | None = None, height: int | None = None,
-                        width: int | None = None, rerank: dict | None = None) -> tuple[dict, dict, dict]:
+                        width: int | None = None, rerank: dict | None = None,
+                        force: bool = False) -> tuple[dict, dict, dict]:
     """(results per protocol, the metrics written to out/metrics.json, feature stats). `rerank`: {"k1", "k2",
-    "lambda"} adds `<protocol>_rerank` results. Raises the user errors eval.py reports in one line."""
+    "lambda"} adds `<protocol>_rerank` results; `force` replaces an earlier evaluation in `out`. Raises the user
+    errors eval.py reports in one line."""
     from stenvan.amp import resolve_precision
     from stenvan.distributed import describe
     from stenvan.evaluation.evaluate import evaluate_model, load_model_for_eval, with_rerank, write_outputs
     from stenvan.evaluation.leakage import check_leakage
+    from stenvan.outputs import EVAL_FOLDER, check_output
     from stenvan.shards import load_manifest
 
+    # Before any work: the outputs never replace an input, nor anything but an earlier evaluation.
+    check_output(out, EVAL_FOLDER, {"--checkpoint": checkpoint, "--data": data}, force, command="eval.py")
     manifest = load_manifest(data)
     check_split(manifest, split)
     torch_device = describe(device).device

@@ -7,14 +7,15 @@
 
 The feature is exactly eval.py's (tested against `eval.py --loader torch`): the same input contract and the same
 code from frames to feature:
-- frames in temporal order (a folder's JPEG/PNG files sorted by name), decoded to RGB uint8;
+- frames in temporal order (a folder's JPEG/PNG files sorted by name), decoded to RGB uint8 by the project's one
+  rule (stenvan.decode: EXIF orientation ignored, as eval's loaders do);
 - each frame resized to the model's H×W with antialiased bilinear resampling (frames already H×W untouched);
 - normalised with the ImageNet mean/std;
 - clips chosen as in eval (stenvan.data.sampling.eval_clips): `paper` = one clip of T frames, the first of each
   of T chunks; `dense` = every frame, in chunks of T;
 - the model's post-BN feature (2048) per clip, averaged per tracklet by
   stenvan.evaluation.evaluate.features_per_tracklet.
-eval.py's default DALI loader decodes and resizes with its own kernels (within about one grey level of these).
+eval.py's default DALI loader decodes by the same rule and resizes with its own kernel (within about one grey level).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from stenvan.data.clips import as_clips, normalize
+from stenvan.data.clips import WorkerFailure, as_clips, normalize, resize_frame
 from stenvan.data.sampling import eval_clips
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -49,11 +50,17 @@ class Embedded:
 
 
 def list_tracklets(root: str | os.PathLike) -> list[tuple[str, list[Path]]]:
-    """(key, frame paths sorted by file name) for every subfolder of `root`, in name order."""
+    """(key, frame paths sorted by file name) for every subfolder of `root`, in name order. An entry that cannot
+    be examined (a symlink to a missing target) or a frame that is not a regular file is an InputError naming it,
+    never dropped (stenvan.frame_files)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: no such folder; pass a folder that holds one subfolder of frames per tracklet")
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    entries = _listing(root)
+    broken = next((e for e in entries if e.kind == "broken"), None)
+    if broken is not None:
+        raise InputError(f"{broken.problem}; restore it or move it out of {root}")
+    folders = [Path(e.path) for e in entries if e.kind == "folder"]
     if not folders:
         hint = " (it holds frames: put each tracklet's frames in a subfolder)" if _frames_in(root) else ""
         raise InputError(f"{root}: no tracklet folders{hint}; pass a folder with one subfolder per tracklet")
@@ -67,31 +74,36 @@ def list_tracklets(root: str | os.PathLike) -> list[tuple[str, list[Path]]]:
     return out
 
 
+def _listing(folder: Path):
+    from stenvan.frame_files import list_entries
+
+    try:
+        return list_entries(str(folder))
+    except OSError as e:
+        raise InputError(f"{folder}: cannot be listed ({e.strerror})") from None
+
+
 def _frames_in(folder: Path) -> list[Path]:
-    # Plain name order (as MARS/DukeV names and the shards): zero-pad frame numbers in your own file names.
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The frames of a tracklet folder, in plain name order (as MARS/DukeV names and the shards: zero-pad frame
+    numbers in your own file names). A frame name that is not a regular file is an InputError."""
+    frames = [e for e in _listing(folder) if e.name.lower().endswith(IMAGE_SUFFIXES)]
+    bad = next((e for e in frames if e.kind != "file"), None)
+    if bad is not None:
+        problem = bad.problem or f"{bad.path}: is a folder, not a frame file"
+        raise InputError(f"{problem}; replace it with the frame or move it out of {folder}")
+    return [Path(e.path) for e in frames]
 
 
 def read_frame(path: str | os.PathLike) -> torch.Tensor:
-    """A JPEG or PNG as RGB uint8 (3, h, w), decoded by torchvision (the same libjpeg as eval's torch loader)."""
-    from torchvision.io import read_file
-
-    from stenvan.data.clips import decode_rgb
+    """A JPEG or PNG file as RGB uint8 (3, h, w), under the project's one decoding rule (stenvan.decode:
+    EXIF orientation ignored, alpha dropped, 16-bit scaled to 8), read as a regular file without blocking."""
+    from stenvan.decode import FrameDecodeError, decode_frame
+    from stenvan.frame_files import FrameFileError, read_frame_bytes
 
     try:
-        return decode_rgb(read_file(str(path)))  # the eval loaders' decoder (torch backend)
-    except RuntimeError as e:  # torchvision reports unreadable, truncated or unknown files as RuntimeError
-        raise InputError(f"{path}: cannot be decoded as a JPEG or PNG image ({str(e).splitlines()[0]}); replace or "
-                         "remove the file") from None
-
-
-def resize_frame(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 (3, h, w) -> (3, H, W): eval's torch loader's resize (antialiased bilinear), skipped at H×W."""
-    from torchvision.transforms.v2.functional import InterpolationMode, resize
-
-    if tuple(image.shape[1:]) == (height, width):
-        return image
-    return resize(image, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return decode_frame(read_frame_bytes(str(path)), str(path))
+    except (FrameFileError, FrameDecodeError) as e:
+        raise InputError(f"{e}; replace or remove the file") from None
 
 
 def _as_frames(frames) -> np.ndarray | list[Path]:
@@ -108,9 +120,13 @@ def _as_frames(frames) -> np.ndarray | list[Path]:
     paths = [Path(p) for p in frames]
     if not paths:
         raise InputError("a tracklet needs at least one frame, got an empty list")
+    from stenvan.frame_files import FrameFileError, stat_frame
+
     for p in paths:
-        if not p.is_file():
-            raise InputError(f"{p}: no such frame file")
+        try:
+            stat_frame(str(p))
+        except FrameFileError as e:
+            raise InputError(f"{e}; pass the paths of frame files") from None
     return paths
 
 
@@ -124,8 +140,11 @@ class _ClipFrames(torch.utils.data.Dataset):
         source = self.tracklets[spec.tracklet]
         frames = []
         for f in spec.frames:
-            frame = torch.from_numpy(source[f]).permute(2, 0, 1) if isinstance(source, np.ndarray) \
-                else read_frame(source[f])  # (3, h, w)
+            try:
+                frame = torch.from_numpy(source[f]).permute(2, 0, 1) if isinstance(source, np.ndarray) \
+                    else read_frame(source[f])  # (3, h, w)
+            except InputError as e:  # from a worker process: one line, not the worker's traceback
+                return WorkerFailure(str(e))
             frames.append(resize_frame(frame, self.height, self.width))
         return torch.stack(frames), spec.tracklet  # (T, 3, H, W)
 
@@ -134,8 +153,19 @@ class _ClipFrames(torch.utils.data.Dataset):
 
 
 def _collate(items):
+    failed = WorkerFailure.first(items)
+    if failed is not None:
+        return failed
     clips, tracklets = zip(*items)
     return torch.stack(clips), torch.tensor(tracklets, dtype=torch.int64)
+
+
+def _checked(loader):
+    """The DataLoader's batches; a frame that failed in a worker raises here as one InputError line."""
+    for batch in loader:
+        if isinstance(batch, WorkerFailure):
+            raise InputError(batch.message)
+        yield batch
 
 
 def _worker_init(_):
@@ -201,7 +231,7 @@ class Embedder:
         batches = ({"clips": as_clips(normalize(clips.to(self.device, non_blocking=True), torch.float32)
                                       .permute(0, 1, 3, 4, 2).contiguous()), "tracklet": index,
                     "real_frames": torch.tensor([len(set(spec.frames)) for spec in batch])}
-                   for (clips, index), batch in zip(loader, spec_batches))
+                   for (clips, index), batch in zip(_checked(loader), spec_batches))
         with tqdm(total=len(sources), desc="embed", unit="tracklet", disable=None if progress else True) as bar:
             features, _ = features_per_tracklet(self.model, batches, len(sources), device=self.device,
                                                 precision=self.precision, bar=bar)

@@ -26,6 +26,8 @@ from stenvan.evaluation.plots import plot_ranked_list
 from stenvan.shards import atomic_write
 
 BLOCK_FLOATS = 2 ** 26  # distances held on the device at once (256 MiB of float32)
+SEARCH_OUTPUTS = ("ranking.csv", "query.npz", "gallery.npz", "ranked")  # what a search writes into its folder
+KEY_CHARS_IN_NAME = 180  # a picture's name stays far below a file name's 255 bytes, with room for its temp name
 
 
 def top_k(query_feats, gallery_feats, k: int, metric: str = "cosine", device: torch.device | None = None,
@@ -141,8 +143,9 @@ def write_ranking(path: str | os.PathLike, query_keys, gallery_keys, idx: np.nda
 
 
 def picture_name(index: int, key: str) -> str:
-    """A file name for query `index`'s picture: its number, then its key with unsafe characters replaced."""
-    return f"{index:04d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
+    """A file name for query `index`'s picture: its number, then its key with unsafe characters replaced and cut
+    to KEY_CHARS_IN_NAME (the number keeps the names apart)."""
+    return f"{index:04d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)[:KEY_CHARS_IN_NAME]}.png"
 
 
 def write_pictures(folder: str | os.PathLike, query_keys, query_thumb, gallery_thumb, idx: np.ndarray,

@@ -7,11 +7,12 @@ torchvision ResNet-50 state dict (e.g. resnet50-0676ba61.pth copied from a conne
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from stenvan.errors import torch_load_error
 
 IMAGENET_FILE = "resnet50-0676ba61.pth"  # the file behind ResNet50_Weights.IMAGENET1K_V1
 
@@ -43,15 +44,9 @@ def imagenet_state_dict(pretrained: str | os.PathLike) -> tuple[dict, str]:
                                 f"({IMAGENET_FILE}).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True), str(path)
-    except pickle.UnpicklingError as err:  # weights_only refused pickled code: one line, naming what it found
-        found = next((line.strip().rstrip(".") for line in str(err).splitlines() if "GLOBAL" in line), "")
-        raise ValueError(f"{path}: refused: the file holds pickled Python code, not only tensors"
-                         + (f" ({found})" if found else "") + f"; pass a torchvision ResNet-50 state dict "
-                         f"({IMAGENET_FILE}) from a trusted source") from None
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
-        first = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else "no details"
-        raise ValueError(f"{path}: cannot be loaded as a PyTorch state dict ({type(err).__name__}: {first}); it is "
-                         f"truncated or not a torch file: copy {IMAGENET_FILE} again") from None
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a truncated, foreign or unsafe file
+        raise ValueError(torch_load_error(path, err, "a PyTorch state dict", f"pass a torchvision ResNet-50 state "
+                                          f"dict ({IMAGENET_FILE}) from a trusted source")) from None
 
 
 def load_imagenet_backbone(backbone: nn.Module, pretrained: str | os.PathLike) -> None:

@@ -13,8 +13,10 @@ import sys
 from stenvan.checkpoint import CheckpointError
 from stenvan.config import ConfigError, TrainConfig
 from stenvan.distributed import DeviceError
+from stenvan.distributed import describe as describe_world
 from stenvan.errors import RESUME_RETRY, describe_os_error, error_line
 from stenvan.lock import LockError
+from stenvan.outputs import RUN_FOLDER, check_output
 from stenvan.shards import ShardFormatError
 from stenvan.training.resume import RankZeroError
 from stenvan.training.run_folder import RunFolderError
@@ -31,12 +33,21 @@ def error(line) -> int:
     return 2
 
 
+def check_run_folder(out: str, data: str, kind=RUN_FOLDER) -> None:
+    """Before any work: the run folder is new, empty or one of `kind`, never the dataset or inside it (OutputError).
+    Rank 0 alone looks: the others would race with the files it creates there; a refusal on rank 0 ends every
+    rank (torchrun stops the group)."""
+    if describe_world().is_main:
+        check_output(out, kind, {"--data": data}, command="train.py")
+
+
 def train_run(cfg: TrainConfig, resume: str | None = None):
     """Build the trainer and fit: (exit code, the run's Progress, or None if it never started)."""
     from stenvan.training.failures import RankFailed
     from stenvan.training.trainer import Trainer, TrainingStopped
 
     try:
+        check_run_folder(cfg.out, cfg.data, RUN_FOLDER)
         trainer = Trainer(cfg, resume=resume)
     except USER_ERRORS as e:  # bad config, data, checkpoint, run folder, weights or device
         return error(e), None

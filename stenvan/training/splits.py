@@ -64,12 +64,13 @@ def finished_split(out: Path, split: int, mode: str) -> dict | None:
 
 
 def summarize(per_split: dict[int, dict], protocols: list[str]) -> tuple[dict, dict]:
-    """(mean, std) per protocol and metric over the splits; std with ddof 1 (0 for a single split)."""
+    """(mean, std) per protocol and metric over the splits; std with ddof 1 (0 for a single split). A split whose
+    protocol had nothing to score (null in its metrics.json) is left out of that mean; none scored: null."""
     mean, std = {}, {}
     for protocol in protocols:
-        values = {m: np.array([per_split[s][protocol][m] for s in sorted(per_split)], dtype=float) for m in METRICS}
-        mean[protocol] = {m: float(v.mean()) for m, v in values.items()}
-        std[protocol] = {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()}
+        values = {m: [v for s in sorted(per_split) if (v := per_split[s][protocol][m]) is not None] for m in METRICS}
+        mean[protocol] = {m: float(np.mean(v)) if v else None for m, v in values.items()}
+        std[protocol] = {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 if v else None for m, v in values.items()}
     return mean, std
 
 
@@ -78,7 +79,8 @@ def format_summary(dataset: str, splits: list[int], mode: str, mean: dict, std: 
              f"{mode} mode, in %"]
     lines.append(f"{'protocol':<14}" + "".join(f"{f'rank-{k}':>12}     " for k in RANKS) + f"{'mAP':>12}")
     for protocol in mean:
-        cells = "".join(f"{100 * mean[protocol][m]:>9.2f} ± {100 * std[protocol][m]:<5.2f}" for m in METRICS)
+        cells = "".join(f"{'n/a':>9}   {'':<5}" if mean[protocol][m] is None else
+                        f"{100 * mean[protocol][m]:>9.2f} ± {100 * std[protocol][m]:<5.2f}" for m in METRICS)
         lines.append(f"{protocol:<14}{cells}")
     return "\n".join(lines)
 
@@ -99,7 +101,8 @@ def run_splits(base: TrainConfig, which: str) -> int:
     train.py's exit code."""
     from stenvan.distributed import describe
     from stenvan.evaluation.run import evaluate_checkpoint
-    from stenvan.training.run import USER_ERRORS, error, train_run
+    from stenvan.outputs import SPLIT_RUNS
+    from stenvan.training.run import USER_ERRORS, check_run_folder, error, train_run
 
     out, mode = Path(base.out), base.eval_mode
     try:
@@ -109,6 +112,7 @@ def run_splits(base: TrainConfig, which: str) -> int:
                              "iLIDS-VID and PRID-2011 (train other datasets without --split)")
         splits = parse_splits(which)
         world = describe(base.device)
+        check_run_folder(base.out, base.data, SPLIT_RUNS)  # each split-N is checked as a run folder in its turn
     except USER_ERRORS as e:
         return error(e)
     for split in splits:
@@ -131,7 +135,7 @@ def run_splits(base: TrainConfig, which: str) -> int:
                 evaluate_checkpoint(str(out / f"split-{split}" / "last.pt"), base.data,
                                     split_metrics(out, split, mode).parent, split=split, mode=mode,
                                     device=cfg.device, precision=cfg.precision, loader=cfg.loader,
-                                    workers=cfg.workers)
+                                    workers=cfg.workers, force=True)  # split N's folder is this runner's
             except (*USER_ERRORS, OSError) as e:
                 return error(error_line(e, "rerun the same command"))
     if not world.is_main:

@@ -12,6 +12,7 @@ step's checkpoint (`stenvan.training.failures`).
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -409,7 +410,8 @@ class Trainer:
                                  precision=self.precision, loader=self.cfg.loader, workers=self.cfg.workers,
                                  split=self.split).results
         name = selection_protocol(self.train_data["dataset"])  # standard on MARS/DukeV
-        scalars = {f"{proto}_{k}": v for proto, r in results.items() for k, v in r.items() if isinstance(v, float)}
+        scalars = {f"{proto}_{k}": v for proto, r in results.items() for k, v in r.items()
+                   if isinstance(v, float) and math.isfinite(v)}  # NaN: nothing to score (JSON has no NaN)
         self.log.record("eval", self.progress.global_step, scalars,
                         f"eval epoch {self.progress.epoch}: {name} rank-1 {results[name]['rank1']:.3f} "
                         f"mAP {results[name]['mAP']:.3f}")
