@@ -2,14 +2,16 @@
 
     python train.py --config configs/ste_nvan_mars.yaml --data shards/mars --out runs/ste_mars      # 1 process
     torchrun --nproc_per_node=8 train.py --config configs/ste_nvan_mars.yaml --data shards/mars --out runs/x
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --max-restarts=3 \\
-        train.py --config configs/nvan_mars.yaml --data shards/mars --out runs/y --resume auto
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
+        --rdzv-endpoint=HOST:29500 --max-restarts=3 \\
+        train.py --config configs/nvan_mars.yaml --data shards/mars --out runs/y --resume auto   # on every node
     python train.py ... --resume auto        # continue from the newest valid checkpoint in --out
     python train.py ... --max-steps 100 --lr 3e-4 --precision fp32   # any config key: --key value
 
-Exit codes: 0 finished or stopped cleanly by a signal (resume with --resume auto), 2 an error (bad config, data,
-checkpoint or run folder, another run holding --out, a shard changed under the run, a full disk; one line on
-stderr says which), 3 stopped by non-finite losses.
+Exit codes: 0 finished or stopped cleanly by SIGTERM/SIGINT (to this process or to torchrun: every rank saves the
+same step; resume with --resume auto), 2 an error (bad config, data, checkpoint or run folder, another run holding
+--out, a shard changed under the run, a failed loader, a full disk, a launch that cannot restart; one line on
+stderr says which), 3 stopped by non-finite losses or gradients.
 """
 
 import argparse
@@ -17,7 +19,7 @@ import sys
 
 from stenvan.checkpoint import CheckpointError
 from stenvan.config import ConfigError, load_config
-from stenvan.distributed import DeviceError
+from stenvan.distributed import DeviceError, LaunchError
 from stenvan.errors import RESUME_RETRY, describe_os_error, error_line
 from stenvan.lock import LockError
 from stenvan.resume import RankZeroError
@@ -26,8 +28,8 @@ from stenvan.shards import ShardFormatError
 
 # RuntimeError: torchvision could not download the ImageNet weights (its message says how to get the file);
 # FileNotFoundError: a --pretrained path that does not exist; ImportError: --loader dali without DALI.
-USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, LockError, RunFolderError, RankZeroError,
-               ValueError, FileNotFoundError, RuntimeError, ImportError)
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, LaunchError, LockError, RunFolderError,
+               RankZeroError, ValueError, FileNotFoundError, RuntimeError, ImportError)
 
 
 def main(argv=None) -> int:
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides, data=args.data, out=args.out)
-        from stenvan.failures import RankFailed
+        from stenvan.failures import LoaderFailed, RankFailed
         from stenvan.trainer import Trainer, TrainingStopped
 
         trainer = Trainer(cfg, resume=args.resume)
@@ -54,8 +56,8 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         print(f"train: stopped: {e}", file=sys.stderr)
         code = 3
-    except (ShardFormatError, CheckpointError, RankFailed) as e:  # a shard changed under the run; a checkpoint
-        code = error(e)                                           # write that failed; the same on another rank
+    except (ShardFormatError, LoaderFailed, CheckpointError, RankFailed) as e:  # a shard changed under the run;
+        code = error(e)  # a loader that failed; a checkpoint write that failed; one of these on another rank
     except OSError as e:
         code = error(describe_os_error(e, RESUME_RETRY))
     finally:

@@ -200,7 +200,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monkey
     cfg = load_config(None, TINY + ["--max_nonfinite", "3"], data=str(shards), out=str(tmp_path / "nan"))
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
+    with pytest.raises(TrainingStopped, match="3 steps in a row with non-finite losses or gradients"):
         trainer.fit()
     trainer.close()
     assert trainer.progress.nonfinite_total == 3 and trainer.progress.global_step == 4

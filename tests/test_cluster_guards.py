@@ -1,0 +1,249 @@
+"""What the first cluster run would hit, where one process on the CPU can show it: Adam's moments resumed into
+another memory layout, a finite loss with non-finite gradients, a checkpoint with non-finite weights, a loader
+that fails (with and without a stop pending), the GradScaler's checkpoint state without a host sync, gloo's
+network interface, launches that cannot restart, LOCAL_RANK beyond the visible GPUs, and DDP's buffer broadcast
+with synchronised BatchNorm. Through torchrun itself: tests/test_torchrun.py."""
+
+from __future__ import annotations
+
+import copy
+import signal
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from stenvan import distributed
+from stenvan.checkpoint import CheckpointError, read_checkpoint
+from stenvan.checkpoint_writer import CheckpointWriter
+from stenvan.config import load_config
+from tests.test_train import TINY, shards  # noqa: F401 - the module's shard fixture
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A resume with channels_last changed (the optimizer state's layout)
+# ----------------------------------------------------------------------------------------------------------
+
+def adam_run(channels_last: bool, state=None, steps: int = 1):
+    """A conv layer (the same initial values) trained with fused Adam for `steps` steps on fixed batches, from the
+    optimizer `state` if given, in the given memory layout; (weights, optimizer state dict)."""
+    from stenvan.optim import build_optimizer
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, bias=False)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(list(conv.parameters()), "adam", lr=1e-2, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if state is not None:
+        from stenvan.resume_checks import restore_training_state
+
+        conv.weight.data.copy_(state["weight"])
+        restore_training_state({"optimizer": state["optimizer"], "scheduler": state["scheduler"], "scaler": {},
+                                "precision": "fp32", "dataset": "x"}, {}, optimizer, scheduler,
+                               torch.amp.GradScaler("cpu", enabled=False), load_config(None, [], data="x"), "fp32")
+    gen = torch.Generator().manual_seed(len(optimizer.state))
+    for _ in range(steps):
+        x = torch.randn(2, 4, 6, 6, generator=gen)
+        (conv(x) * torch.linspace(-1, 2, 8).view(1, 8, 1, 1)).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return conv.weight.detach().clone(), {"weight": conv.weight.detach().clone(),
+                                          "optimizer": copy.deepcopy(optimizer.state_dict()),
+                                          "scheduler": scheduler.state_dict()}
+
+
+@pytest.mark.parametrize("saved_channels_last", [True, False])
+def test_adam_moments_resumed_into_another_memory_layout_follow_their_weights(saved_channels_last):
+    _, saved = adam_run(saved_channels_last, steps=2)  # moments saved with the weights' layout then
+    same, _ = adam_run(saved_channels_last, copy.deepcopy(saved))  # (a loaded state is stepped in place)
+    toggled, _ = adam_run(not saved_channels_last, copy.deepcopy(saved))
+    step = (same - saved["weight"]).norm()
+    assert step > 1e-3  # the step moved the weights (not vacuous)
+    # Unmatched strides made fused Adam pair each weight with another element's moments: about a step off.
+    assert (toggled - same).norm() < 1e-5 * step, f"{float((toggled - same).norm() / step):.2e} of a step"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bf16: a finite loss with non-finite gradients; checkpoints with non-finite weights
+# ----------------------------------------------------------------------------------------------------------
+
+def test_a_finite_loss_with_nonfinite_gradients_skips_the_step_on_the_device(shards, tmp_path, monkeypatch):  # noqa: F811
+    from stenvan.losses import ReIDLoss
+    from stenvan.trainer import Trainer, TrainingStopped
+
+    real = ReIDLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, feats, logits, labels):
+        out = real(self, feats, logits, labels)
+        calls["n"] += 1
+        if calls["n"] >= 2:  # from the second step on: loss + 0·sqrt(0): the value is finite, its gradient NaN
+            out["loss"] = out["loss"] + 0.0 * torch.sqrt(feats.float().sum() * 0.0)
+        return out
+
+    monkeypatch.setattr(ReIDLoss, "forward", poisoned)
+    out = tmp_path / "run"
+    cfg = load_config(None, TINY + ["--precision", "bf16", "--max_nonfinite", "3", "--ckpt_every", "1",
+                                    "--keep_ckpts", "10"], data=str(shards), out=str(out))
+    trainer = Trainer(cfg)
+    try:
+        with pytest.raises(TrainingStopped, match="3 steps in a row with non-finite losses or gradients"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    assert trainer.progress.global_step == 4 and trainer.progress.nonfinite_total == 3
+    after_first = read_checkpoint(out / "step-000000001.pt")["model"]
+    for step in (2, 3):  # the skipped steps left the weights as they were, and finite
+        state = read_checkpoint(out / f"step-{step:09d}.pt")["model"]
+        assert all(torch.equal(state[k], after_first[k]) for k in state), step
+    assert all(torch.isfinite(v.float()).all() for v in trainer.model.state_dict().values())
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_not_written_and_says_so(tmp_path):
+    writer = CheckpointWriter(tmp_path, keep=5, log=lambda _: None)
+    good = {"model": {"w": torch.ones(10)}, "optimizer": {"state": {0: {"exp_avg": torch.zeros(10)}}},
+            "progress": {"global_step": 1}}
+    writer.save(good, step=1)
+    writer.wait()
+    bad = copy.deepcopy(good)
+    bad["progress"]["global_step"] = 2
+    bad["optimizer"]["state"][0]["exp_avg"][3] = float("nan")
+    writer.save(bad, step=2)
+    with pytest.raises(CheckpointError, match=r"step 2 not written: optimizer/state/0/exp_avg holds NaN or infinite "
+                                              r"values .*the newest checkpoint with finite weights is .*step-000000001"):
+        writer.wait()
+    assert not (tmp_path / "step-000000002.pt").exists()
+    assert read_checkpoint(tmp_path / "last.pt")["progress"]["global_step"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A loader that fails, with and without a stop signal pending
+# ----------------------------------------------------------------------------------------------------------
+
+def failing_loader(trainer, at_step: int, stop_signal: int = 0):
+    """Make the trainer's loader fail as DALI does when its workers died, when batch `at_step` is asked for;
+    with `stop_signal`, as if that signal had arrived during the step before."""
+    real_epoch = trainer.loader.epoch
+
+    def epoch(e, start_step=0):
+        for step, batch in enumerate(real_epoch(e, start_step=start_step), start=start_step):
+            if e == 0 and step == at_step:
+                trainer.stop_signal = stop_signal
+                raise RuntimeError("Critical error in pipeline:\nTraceback (most recent call last):\n"
+                                   "RuntimeError: Worker data receiving interrupted")
+            yield batch
+
+    trainer.loader.epoch = epoch
+
+
+def test_a_loader_failure_while_a_stop_is_pending_still_saves_and_stops_cleanly(shards, tmp_path, capsys):  # noqa: F811
+    # What torchrun's SIGTERM did before DALI's workers ignored it: they died with the signal, and the rank's next
+    # batch failed before the stop was acted on.
+    from stenvan.trainer import Trainer
+
+    out = tmp_path / "run"
+    trainer = Trainer(load_config(None, TINY + ["--loader", "dali"], data=str(shards), out=str(out)))
+    failing_loader(trainer, at_step=3, stop_signal=signal.SIGTERM)
+    try:
+        progress = trainer.fit()  # returns: a clean stop, not an error
+    finally:
+        trainer.close()
+    assert progress.global_step == 3
+    assert read_checkpoint(out / "last.pt")["progress"]["global_step"] == 3
+    printed = capsys.readouterr().out
+    assert "stopping: a loader failed meanwhile: the loader failed: RuntimeError: Worker data receiving interrupted" \
+        in printed and "stopped cleanly by signal 15 at step 3" in printed
+
+
+def test_a_loader_failure_stops_every_rank_with_the_checkpoint_of_its_step(shards, tmp_path, capsys):  # noqa: F811
+    from stenvan.failures import LoaderFailed
+    from stenvan.trainer import Trainer
+
+    out = tmp_path / "run"
+    trainer = Trainer(load_config(None, TINY + ["--loader", "dali"], data=str(shards), out=str(out)))
+    failing_loader(trainer, at_step=2)
+    try:
+        with pytest.raises(LoaderFailed) as failed:
+            trainer.fit()
+    finally:
+        trainer.close()
+    assert str(failed.value) == (f"the loader failed: RuntimeError: Worker data receiving interrupted; stopped at step "
+                                 f"2, saved as {out / 'step-000000002.pt'}: continue with --resume auto")
+    assert read_checkpoint(out / "last.pt")["progress"]["global_step"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fp16 checkpoints: the GradScaler's state without waiting for the device
+# ----------------------------------------------------------------------------------------------------------
+
+class ScalarReads(TorchDispatchMode):
+    """Counts `.item()`-style reads (`aten._local_scalar_dense`): on a GPU each one waits for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_grad_scaler_state_is_taken_without_reading_the_device_and_loads_back(tmp_path):
+    from stenvan.amp import load_scaler_state, scaler_state
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    for _ in range(2):  # two good steps: the scale doubles twice
+        scaler.scale(weight.sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    with ScalarReads() as reads:
+        state = scaler_state(scaler)
+    assert reads.count == 0  # GradScaler.state_dict() reads the scale and the growth tracker with .item()
+    torch.save(state, tmp_path / "scaler.pt")
+    fresh = torch.amp.GradScaler("cpu")
+    load_scaler_state(fresh, torch.load(tmp_path / "scaler.pt", weights_only=True))
+    assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() == 2.0 ** 12
+    load_scaler_state(fresh, {**scaler.state_dict(), "scale": 8.0})  # the plain form (older checkpoints)
+    assert fresh.get_scale() == 8.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch: gloo's interface, restarts, LOCAL_RANK
+# ----------------------------------------------------------------------------------------------------------
+
+def test_gloo_takes_nccls_interface_when_it_has_none():
+    interfaces = ["lo", "docker0", "eth0", "eth1", "ib0"]
+    assert distributed.gloo_interface("eth", interfaces) == "eth0"  # NCCL: a prefix
+    assert distributed.gloo_interface("=eth1", interfaces) == "eth1"  # NCCL: exactly
+    assert distributed.gloo_interface("ib,eth", interfaces) == "ib0"  # the first listed that matches
+    assert distributed.gloo_interface("^docker,lo", interfaces) is None  # exclusions: gloo has no such form
+    assert distributed.gloo_interface("=eth", interfaces) is None and distributed.gloo_interface("", interfaces) is None
+    env = {"NCCL_SOCKET_IFNAME": "lo"}
+    assert distributed.set_gloo_interface(env) == "lo" and env["GLOO_SOCKET_IFNAME"] == "lo"
+    env = {"NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "eth7"}
+    assert distributed.set_gloo_interface(env) is None and env["GLOO_SOCKET_IFNAME"] == "eth7"  # the user's wins
+
+
+def test_launches_that_cannot_restart_are_refused_and_attempts_keep_their_keys_apart():
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    with pytest.raises(distributed.LaunchError, match="--max-restarts=3 with 2 nodes shares one store"):
+        distributed.check_restartable({**shared, "GROUP_WORLD_SIZE": "2"})
+    distributed.check_restartable({**shared, "GROUP_WORLD_SIZE": "1"})  # one node: one agent counts the attempts
+    distributed.check_restartable({**shared, "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "0"})
+    distributed.check_restartable({**shared, "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "False"})
+    assert distributed.attempt_prefix({**shared, "TORCHELASTIC_RESTART_COUNT": "2"}) == "stenvan/attempt2"
+    assert distributed.attempt_prefix({"TORCHELASTIC_USE_AGENT_STORE": "False"}) is None  # a fresh store each time
+
+
+def test_local_rank_beyond_the_visible_gpus_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(distributed.DeviceError, match=r"LOCAL_RANK=2 but 2 GPU\(s\) are visible here: start at most "
+                                                      r"2 process\(es\) per node \(torchrun --nproc_per_node=2\)"):
+        distributed.describe("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.describe("cuda").device == torch.device("cuda", 1)
