@@ -13,6 +13,7 @@ this process's error and signal.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,9 +36,11 @@ class LoaderFailed(Exception):
     @classmethod
     def of(cls, error: BaseException) -> "LoaderFailed":
         """One line for a loader's error: DALI hands a worker's failure over as text with its traceback in it, whose
-        last line is the error itself."""
+        last line is the worker's error itself ("ValueError: ..."), else the error's type and message."""
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        failed = cls(f"the loader failed: {type(error).__name__}: {lines[-1] if lines else 'no message'}")
+        last = lines[-1] if lines else "no message"
+        named = re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b:", last)
+        failed = cls(f"the loader failed: {last if named else f'{type(error).__name__}: {last}'}")
         failed.__cause__ = error
         return failed
 

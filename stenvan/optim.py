@@ -69,3 +69,32 @@ def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
             for key, value in state.items():
                 if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
                     state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)  # p's strides, value's values
+
+
+class RunningStatistics:
+    """BatchNorm's running statistics, put back on the device after a skipped step: the forward updated them before
+    the step was known to be bad, and a non-finite forward (the reason most steps are skipped) makes them NaN for
+    good (every later update mixes the NaN in), which evaluation and every later checkpoint would then carry.
+
+    `snapshot()` before the forward copies them all into one flat tensor; `restore_if(bad, snapshot)` puts that
+    copy back where `bad` (0-d, 1.0 = skipped) says so: a few kernels per step (two concatenations, a `where`, one
+    multi-tensor copy), no host sync.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats]
+        self.buffers = [b for m in bns for b in (m.running_mean, m.running_var)]
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([b.reshape(-1) for b in self.buffers])
+
+    def snapshot(self) -> torch.Tensor | None:
+        return self._flat() if self.buffers else None
+
+    def restore_if(self, bad: torch.Tensor, snapshot: torch.Tensor | None) -> None:
+        if snapshot is None:
+            return
+        kept = torch.where(bad.bool(), snapshot, self._flat())  # NaN-safe, unlike any arithmetic blend
+        torch._foreach_copy_(self.buffers, [part.view_as(b) for part, b in
+                                            zip(kept.split([b.numel() for b in self.buffers]), self.buffers)])

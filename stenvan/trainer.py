@@ -33,7 +33,7 @@ from stenvan.config import ConfigError, TrainConfig
 from stenvan.failures import Failures, LoaderFailed
 from stenvan.losses import ReIDLoss
 from stenvan.models.sync_batchnorm import convert_sync_batchnorm
-from stenvan.optim import build_optimizer, nonfinite_gradients, step_unless
+from stenvan.optim import RunningStatistics, build_optimizer, nonfinite_gradients, step_unless
 from stenvan.resume import agree_on_checkpoint
 from stenvan.resume_checks import check_resumable, restore_training_state
 from stenvan.rng import rng_state, seed_everything, set_rng_state
@@ -145,6 +145,7 @@ class Trainer:
         self.criterion = ReIDLoss(cfg.triplet, cfg.triplet_margin, cfg.triplet_weight, cfg.ce_weight,
                                   cfg.label_smoothing)
         self.meter = StepMeter(self.world.device)
+        self.running_stats = RunningStatistics(model)  # put back after a skipped step
         if checkpoint:
             self._restore(*checkpoint, changes)
         forward = distributed.data_parallel(model, self.world, buffers_in_sync=self.sync_bn or cfg.freeze_bn)
@@ -331,6 +332,7 @@ class Trainer:
         """One optimizer step, or a skipped one if some rank's loss or the gradients are not finite; nothing here
         waits for the GPU."""
         p = self.progress
+        running_stats = self.running_stats.snapshot()
         with autocast:
             feats, logits = self.forward(batch["clips"])  # (B, T, 3, H, W) -> (B, 2048), (B, #ids)
             losses = self.criterion(feats, logits, batch["labels"])
@@ -340,6 +342,7 @@ class Trainer:
             bad = torch.maximum(bad, nonfinite_gradients(self.optimizer))
         if self.world.size > 1:  # every rank skips the same steps (an all-reduce on the device, no host sync)
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        self.running_stats.restore_if(bad, running_stats)  # a skipped step leaves BatchNorm as it was too
         if self.scaler.is_enabled():  # fp16: GradScaler skips steps with non-finite gradients on the device
             self.scaler.step(self.optimizer)
             self.scaler.update()
