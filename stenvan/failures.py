@@ -69,9 +69,10 @@ class Failures:
     def agree(self, error: BaseException | None = None, *, loader: bool = False, stop_signal: int = 0) -> Agreement:
         """At a point every rank reaches together: whether any rank failed (`error` here, from its loader if
         `loader`, or one kept since), and the stop signal any rank got."""
+        loader = loader and error is not None  # the error passed in is the loader's, not one kept since
         error, self.kept = error or self.kept, None
         data = isinstance(error, ShardFormatError)
-        loader = error is not None and (loader or data)
+        loader = loader or data
         line = None if error is None else json.dumps({"line": error_line(error, RESUME_RETRY), "loader": loader,
                                                       "data": data})
         if self.world.size == 1:

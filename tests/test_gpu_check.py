@@ -110,3 +110,13 @@ def test_the_tests_stage_reads_pytest_summaries_of_any_length():
     log = ("FAILED tests/test_x.py::test_y - assert 1 passed in 0s\n"
            "========= 1 failed, 20 passed, 1 error in 301.20s (0:05:01) =========\n[exit 1 after 302.0 s]\n")
     assert pytest_counts(log) == {"failed": 1, "passed": 20, "error": 1}
+
+
+def test_the_loader_benchmark_measures_hardware_decoder_shares_on_gpus_only(tmp_path, capsys):
+    from benchmarks import loader
+
+    for args, message in ((["--hw-decoder-load", "0"], "the hardware JPEG decoder is a GPU's"),
+                          (["--device", "cuda", "--hw-decoder-load", "1.5"], "shares run from 0 to 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            loader.main(["--data", str(tmp_path), "--backend", "dali", *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """Training started by `torchrun` itself (2 ranks, gloo, the DALI loader), with its process groups, signals and
-restarts: SIGTERM to torchrun stops every rank at the same step with exit 0 and one loadable checkpoint;
+restarts: SIGTERM to torchrun stops every rank at the same step with exit 0 and one loadable checkpoint (the
+ranks' agreement logged as its own share);
 `--max-restarts=1` with a worker SIGKILLed mid-run continues from the checkpoint and ends equal to an uninterrupted
 run; a resume with `channels_last` toggled equals the uninterrupted run; a resume on fewer ranks than the checkpoint
 was written with works; several nodes that would restart on one shared store are refused in one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -113,6 +115,10 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_one_checkpoi
     assert steps[1] == steps[0]  # the same step on both ranks
     state = read_checkpoint(out / "last.pt")  # verified against its sidecar
     assert 2 <= state["progress"]["global_step"] == step < 50 * 4 and state["world_size"] == 2
+    # The per-step agreement of the ranks is its own share of the time, not part of the data wait.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["agree_wait_share"] < 1 and 0 <= r["data_wait_share"] < 1 for r in records)
+    assert "| rank agreement " in stdout
 
 
 def test_max_restarts_continues_a_killed_worker_and_equals_an_uninterrupted_run(shards, reference, tmp_path):  # noqa: F811
