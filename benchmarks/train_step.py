@@ -18,10 +18,10 @@ Reports clips/s, frames/s, peak memory, achieved TFLOP/s (FLOPs of one step coun
 ratio to the original and to ours (the cost of synchronised BatchNorm). The paper's batch is 32 clips x 8 frames
 of 256x128; the CPU default is smaller.
 
-Checkpoints (unless --no-checkpoint): the STE-NVAN preset's model (ours; fp32 on the CPU) trains `--ckpt-steps` steps with a full
-checkpoint (model + Adam state + RNG, as the trainer writes) every `--ckpt-every` steps, once through the
-background writer (stenvan.checkpoint_writer) and once writing on the training thread (what the trainer did
-before). Reported: the seconds the training thread waited for checkpoints, as a share of the run's wall time
+Checkpoints (unless --no-checkpoint): the STE-NVAN preset's model (ours; fp32 on the CPU) trains `--ckpt-steps`
+steps with a full checkpoint (model + Adam state + RNG, as the trainer writes) every `--ckpt-every` steps, once
+through the background writer (stenvan.checkpoint_writer) and once writing on the training thread (what the
+trainer did before). Reported: the seconds the training thread waited for checkpoints, as a share of the run's wall time
 (the background writer's last write, finished after the loop, is reported apart as `final_flush_s`).
 """
 

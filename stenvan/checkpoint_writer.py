@@ -8,11 +8,11 @@ waits on a CUDA event for them, so the training thread never waits for the GPU. 
 the parameters in place, but on the same CUDA stream, after the copies.
 
 A failed write is raised (as CheckpointError) by the next `save` or `wait`: the run stops rather than
-training on without checkpoints. A state whose weights or optimizer state hold a NaN or an infinity is not written
-(it would become last.pt, which a resume and the non-finite stop's message trust): that is a failed write too,
-whose line names the tensor and the newest checkpoint with finite weights. The check runs on the host copy, in
-the background thread: the GPU never waits for it. `wait_s` counts the seconds the training thread spent in `save` and `wait`,
-the time training waits for checkpoints.
+training on without checkpoints. A state whose weights or optimizer state hold a NaN or an infinity is not
+written (it would become last.pt, which a resume and the non-finite stop's message trust): that is a failed write
+too, whose line names the tensor and the newest checkpoint with finite weights. The check runs on the host copy,
+in the background thread: the GPU never waits for it. `wait_s` counts the seconds the training thread spent in
+`save` and `wait`, the time training waits for checkpoints.
 """
 
 from __future__ import annotations

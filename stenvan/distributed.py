@@ -89,9 +89,9 @@ def check_restartable(env: Mapping[str, str]) -> None:
     nodes, restarts = int(env.get("GROUP_WORLD_SIZE", 1)), int(env.get("TORCHELASTIC_MAX_RESTARTS", 0))
     if shared and nodes > 1 and restarts > 0:
         raise LaunchError(f"torchrun --max-restarts={restarts} with {nodes} nodes shares one store between the "
-                          "attempts, which a restart of several nodes cannot use: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                          "and --rdzv-backend=c10d on every node (each attempt then gets a fresh store), or "
-                          "--max-restarts=0")
+                          "attempts, which a restart of several nodes cannot use: set "
+                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --rdzv-backend=c10d on every node (each attempt "
+                          "then gets a fresh store), or --max-restarts=0")
 
 
 def attempt_prefix(env: Mapping[str, str]) -> str | None:

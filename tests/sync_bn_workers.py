@@ -214,7 +214,8 @@ def model_step_reads(rank: int, world: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 class SmallNet(torch.nn.Module):
-    """conv → BN → ReLU → conv → BN (2d) → pool → BN (1d): both kinds of layer, the same weights on every rank."""
+    """conv → BN → ReLU → conv → BN (2d) → pool → BN (1d): both kinds of layer, the same weights on every
+    rank."""
 
     def __init__(self):
         super().__init__()

@@ -70,14 +70,13 @@ def test_adam_moments_resumed_into_another_memory_layout_follow_their_weights(sa
 # bf16: a finite loss with non-finite gradients; checkpoints with non-finite weights
 # ----------------------------------------------------------------------------------------------------------
 
-def run_with(shards, out, steps: int, loss=None, batches=None):  # noqa: F811
+def run_with(shards, out, steps: int, *extra, loss=None, batches=None):  # noqa: F811
     """A tiny run of `steps` steps with a checkpoint after each, its loss (feats, loss) -> loss and its batches
     (step, batch) -> batch altered as given; returns the Trainer's error (None if it ended normally)."""
-    from stenvan.losses import ReIDLoss
     from stenvan.trainer import Trainer
 
     cfg = load_config(None, TINY + ["--max_steps", str(steps), "--max_nonfinite", "3", "--ckpt_every", "1",
-                                    "--keep_ckpts", "10"], data=str(shards), out=str(out))
+                                    "--keep_ckpts", "10", *extra], data=str(shards), out=str(out))
     trainer = Trainer(cfg)
     if loss is not None:
         real = trainer.criterion.forward
@@ -124,12 +123,12 @@ def test_a_nonfinite_forward_leaves_no_trace_and_the_run_goes_on(shards, tmp_pat
     # update would keep (and every checkpoint carry). The step is skipped and they are put back.
     out = tmp_path / "run"
     nan_at_2 = lambda step, batch: {**batch, "clips": batch["clips"] * float("nan")} if step == 2 else batch  # noqa
-    assert run_with(shards, out, 4, batches=nan_at_2) is None
-    first, second, third, fourth = checkpoint_states(out, (1, 2, 3, 4))
+    assert run_with(shards, out, 3, "--optimizer", "sgd", batches=nan_at_2) is None  # SGD: smaller checkpoints
+    first, second, third = checkpoint_states(out, (1, 2, 3))
     assert all(torch.equal(second[k], first[k]) for k in first if "num_batches" not in k)  # nothing moved
     running = [k for k in first if "running_" in k]
     assert any(not torch.equal(third[k], second[k]) for k in running)  # the run went on training
-    assert all(torch.isfinite(fourth[k]).all() for k in fourth if fourth[k].is_floating_point())
+    assert all(torch.isfinite(third[k]).all() for k in third if third[k].is_floating_point())
 
 
 def test_a_checkpoint_with_nonfinite_weights_is_not_written_and_says_so(tmp_path):
@@ -142,8 +141,9 @@ def test_a_checkpoint_with_nonfinite_weights_is_not_written_and_says_so(tmp_path
     bad["progress"]["global_step"] = 2
     bad["optimizer"]["state"][0]["exp_avg"][3] = float("nan")
     writer.save(bad, step=2)
-    with pytest.raises(CheckpointError, match=r"step 2 not written: optimizer/state/0/exp_avg holds NaN or infinite "
-                                              r"values .*the newest checkpoint with finite weights is .*step-000000001"):
+    with pytest.raises(CheckpointError, match=r"step 2 not written: optimizer/state/0/exp_avg holds NaN or "
+                                              r"infinite values .*the newest checkpoint with finite weights is "
+                                              r".*step-000000001"):
         writer.wait()
     assert not (tmp_path / "step-000000002.pt").exists()
     assert read_checkpoint(tmp_path / "last.pt")["progress"]["global_step"] == 1
@@ -174,7 +174,7 @@ def test_a_loader_failure_while_a_stop_is_pending_still_saves_and_stops_cleanly(
     from stenvan.trainer import Trainer
 
     out = tmp_path / "run"
-    trainer = Trainer(load_config(None, TINY + ["--loader", "dali"], data=str(shards), out=str(out)))
+    trainer = Trainer(load_config(None, TINY, data=str(shards), out=str(out)))
     failing_loader(trainer, at_step=3, stop_signal=signal.SIGTERM)
     try:
         progress = trainer.fit()  # returns: a clean stop, not an error
@@ -192,7 +192,7 @@ def test_a_loader_failure_stops_every_rank_with_the_checkpoint_of_its_step(shard
     from stenvan.trainer import Trainer
 
     out = tmp_path / "run"
-    trainer = Trainer(load_config(None, TINY + ["--loader", "dali"], data=str(shards), out=str(out)))
+    trainer = Trainer(load_config(None, TINY, data=str(shards), out=str(out)))
     failing_loader(trainer, at_step=2)
     try:
         with pytest.raises(LoaderFailed) as failed:

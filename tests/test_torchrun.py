@@ -121,7 +121,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_one_checkpoi
     assert "| rank agreement " in stdout
 
 
-def test_max_restarts_continues_a_killed_worker_and_equals_an_uninterrupted_run(shards, reference, tmp_path):  # noqa: F811
+def test_max_restarts_continues_a_killed_worker_and_equals_an_uninterrupted_run(shards, reference,  # noqa: F811
+                                                                                 tmp_path):
     out = tmp_path / "restarted"
     agent = subprocess.Popen(torchrun(*train_cmd(shards, out, *SIX_STEPS, "--resume", "auto")[2:],
                                       launcher=("--max-restarts=1",)),
