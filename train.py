@@ -2,17 +2,19 @@
 
     python train.py --config configs/ste_nvan_mars.yaml --data shards/mars --out runs/ste_mars      # 1 process
     torchrun --nproc_per_node=8 train.py --config configs/ste_nvan_mars.yaml --data shards/mars --out runs/x
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --max-restarts=3 \\
-        train.py --config configs/nvan_mars.yaml --data shards/mars --out runs/y --resume auto
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
+        --rdzv-endpoint=HOST:29500 --max-restarts=3 \\
+        train.py --config configs/nvan_mars.yaml --data shards/mars --out runs/y --resume auto   # on every node
     python train.py ... --resume auto        # continue from the newest valid checkpoint in --out
     python train.py ... --max-steps 100 --lr 3e-4 --precision fp32   # any config key: --key value
     # iLIDS-VID, PRID-2011: one person split, or every split trained and evaluated in turn, then mean ± std
     python train.py --config configs/ste_nvan_ilidsvid.yaml --data shards/ilidsvid --out runs/ilids3 --split 3
     python train.py --config configs/ste_nvan_ilidsvid.yaml --data shards/ilidsvid --out runs/ilids --split all
 
-Exit codes: 0 finished or stopped cleanly by a signal (resume with --resume auto; `--split all` continues where it
-stopped when rerun), 2 an error (bad config, data, checkpoint or run folder, another run holding --out, a shard
-changed under the run, a full disk; one line on stderr says which), 3 stopped by non-finite losses.
+Exit codes: 0 finished or stopped cleanly by SIGTERM/SIGINT (to this process or to torchrun: every rank saves the
+same step; resume with --resume auto; `--split all` continues where it stopped when rerun), 2 an error (bad config,
+data, checkpoint or run folder, another run holding --out, a shard changed under the run, a failed loader, a full
+disk, a launch that cannot restart; one line on stderr says which), 3 stopped by non-finite losses or gradients.
 """
 
 import argparse

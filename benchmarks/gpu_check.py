@@ -3,7 +3,9 @@
     python -m benchmarks.gpu_check [--out DIR] [--minutes 6] [--smoke | --gpu] [--work DIR] [--keep-work]
     make gpu-check GPU_CHECK_ARGS="--out $OUT"          # on the lent GPU machine, see benchmarks/README.md
 
-On a machine with CUDA (GPU mode) it runs, within a budget of --minutes shared by all stages, each stage a
+It starts with a preflight (a second): a package the stages need that is not installed stops it at once, in one
+line naming the package (exit code 2), rather than minutes into a lent GPU's time. On a machine with CUDA (GPU
+mode) it runs, within a budget of --minutes shared by all stages, each stage a
 subprocess with a timeout: the `gpu`-marked tests, every benchmark at the paper's sizes, and a MARS-scale run
 (a synthetic dataset with MARS's real train sizes, generated and prepared in the background while the tests and
 the model benchmarks use the GPU; the STE-NVAN preset trained for a fixed time and stopped with SIGTERM; then
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, RESULTS_ENV, device_name, versions
@@ -38,6 +41,30 @@ from benchmarks.gpu_check_run import LOG_KEEP_BYTES, REPO, Background, Context, 
 SMOKE_CAP = 0.4  # the least share of the budget a smoke stage may take
 OUTPUTS = ("summary.md", "summary.json", "gpu_check.log", "results.jsonl", "RESULTS.md", "mars_train_metrics.jsonl",
            "mars_eval_metrics.json")  # everything written under --out (at most 8 files)
+
+# Import name -> what to install. Every stage needs these; looked for, not imported (the preflight takes a second).
+REQUIRED = {"torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "PIL": "Pillow", "scipy": "scipy",
+            "yaml": "PyYAML", "tqdm": "tqdm", "matplotlib": "matplotlib", "pytest": "pytest",
+            "nvidia.dali": "nvidia-dali-cuda130 (nvidia-dali-cuda120 with a CUDA 12 torch)"}
+OPTIONAL = {"triton": "triton (the compile stages and the compile tests)",
+            "xdist": "pytest-xdist (the tests stage runs its files one after the other without it)",
+            "tensorboard": "tensorboard (the MARS-scale run writes no TensorBoard scalars without it)"}
+
+
+def preflight() -> tuple[list[str], list[str]]:
+    """(the required packages that are not installed, the optional ones with what is lost without them)."""
+    def missing(names: dict) -> list[str]:
+        found = []
+        for module, package in names.items():
+            try:
+                spec = find_spec(module)
+            except (ImportError, ValueError):  # a missing parent package (nvidia)
+                spec = None
+            if spec is None:
+                found.append(package)
+        return found
+    return missing(REQUIRED), missing(OPTIONAL)
+
 
 def gpu_description() -> str:
     """The GPU's name, memory and driver from nvidia-smi (the parent process never starts CUDA itself)."""
@@ -136,6 +163,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
+    required, optional = preflight()
+    if required:
+        print(f"gpu-check: missing package(s): {', '.join(required)}; install them (benchmarks/README.md: the GPU "
+              "machine) and rerun", file=sys.stderr, flush=True)
+        return 2
+    if optional:
+        print(f"gpu-check: note: not installed: {'; '.join(optional)}", flush=True)
 
     import torch
 

@@ -2,12 +2,14 @@
 
     python -m benchmarks.loader --data shards/mars --raw /data/MARS [--backend dali torch original]
         [--device cpu|cuda] [--batches 20] [--repeats 3] [--workers 2]
-        [--height 256 --width 128 --clip-len 8 --P 8 --K 4] [--model ste_nvan]
+        [--height 256 --width 128 --clip-len 8 --P 8 --K 4] [--model ste_nvan] [--hw-decoder-load 0 1]
 
 Every variant loads the same clips (same P×K sampler, same restricted random frame indices, same flips) with
 the same batch size and worker count, and delivers normalised (B, T, 3, H, W) float32 clips on `--device`:
 - `dali`: stenvan's default loader, frames read by offset from the shards; decode on the CPU (`--device cpu`)
-  or `mixed` (nvJPEG, `--device cuda`).
+  or `mixed` (nvJPEG, `--device cuda`; DALI's default share of the frames, 0.65, goes to the GPU's hardware JPEG
+  decoder where it has one: A100, H100). `--hw-decoder-load X ...` (cuda) adds a `dali-mixed-hwX` variant per
+  share, e.g. 0 (all frames on the CUDA cores) and 1 (all on the hardware decoder).
 - `torch`: stenvan's torch loader (DataLoader + torchvision.io.decode_image, libjpeg for JPEG, from the shards).
 - `original`: the STE-NVAN project's approach: a DataLoader whose dataset opens one JPEG file per frame from the
   raw dataset folders with PIL, `Resize((H, W))` + `ToTensor` + `Normalize` per frame, stacks T frames, flips.
@@ -90,6 +92,8 @@ def make_loader(variant: str, args, device: torch.device):
                   device=device, workers=args.workers, batches_per_epoch=args.batches)
     if variant in ("dali", "torch"):
         return build_train_loader(args.data, backend=variant, **common)
+    if variant.startswith("dali-mixed-hw"):  # the hardware JPEG decoder's share of the frames
+        return build_train_loader(args.data, backend="dali", hw_decoder_load=float(variant[13:]), **common)
     table = TrackletTable.from_dir(args.data, "train")
     sampler = IdentitySampler(table.labels, args.P, args.K, 0, batches_per_epoch=args.batches)
     plan = TrainPlan(sampler, table.num_frames, args.clip_len, Augment(args.height, args.width))
@@ -172,12 +176,20 @@ def main(argv=None) -> None:
     parser.add_argument("--K", type=int, default=4)
     parser.add_argument("--model", choices=("baseline", "nvan", "ste_nvan"),
                         help="also run a training step of this model per batch and report the data-wait share")
+    parser.add_argument("--hw-decoder-load", type=float, nargs="*", default=[], metavar="SHARE",
+                        help="cuda: also the DALI loader with this share of the frames on the hardware JPEG decoder "
+                             "(DALI's default 0.65 is the `dali-mixed` variant)")
     args = parser.parse_args(argv)
     if "original" in args.backend and args.raw is None:
         parser.error("the `original` variant reads the raw dataset: give --raw (or leave `original` out)")
     device = torch.device(args.device)
+    if args.hw_decoder_load and device.type != "cuda":
+        parser.error("--hw-decoder-load: the hardware JPEG decoder is a GPU's (use --device cuda)")
+    if any(not 0 <= share <= 1 for share in args.hw_decoder_load):
+        parser.error("--hw-decoder-load: shares run from 0 to 1")
 
-    results = [measure(v, args, device) for v in args.backend]
+    variants = list(args.backend) + [f"dali-mixed-hw{share:g}" for share in args.hw_decoder_load]
+    results = [measure(v, args, device) for v in variants]
     base = next((r["clips_per_s"] for r in results if r["variant"] == "original"), None)
     dev = device_name(args.device)
     config = {"device": dev, "versions": versions(), "workers": args.workers, "batch": args.P * args.K,

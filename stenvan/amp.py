@@ -46,3 +46,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def autocast(device: torch.device, precision: str):
     """An autocast context for `precision` (a no-op context for fp32)."""
     return torch.autocast(device.type, dtype=AMP_DTYPES[precision], enabled=precision != "fp32")
+
+
+def scaler_state(scaler: torch.amp.GradScaler) -> dict:
+    """`GradScaler.state_dict()` without waiting for the GPU (that one reads the scale and the growth tracker with
+    `.item()`): the two stay device tensors, which the checkpoint writer copies to the host without blocking.
+    `load_scaler_state` reads this form and the plain one. Empty for a disabled scaler (bf16, fp32)."""
+    if not scaler.is_enabled():
+        return {}
+    scale, tracker = scaler._get_scale_async(), scaler._growth_tracker  # None before the first scaled step
+    return {"scale": scaler._init_scale if scale is None else scale, "growth_factor": scaler.get_growth_factor(),
+            "backoff_factor": scaler.get_backoff_factor(), "growth_interval": scaler.get_growth_interval(),
+            "_growth_tracker": scaler._init_growth_tracker if tracker is None else tracker}
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """`GradScaler.load_state_dict` of a `scaler_state` (tensors, read on the host where checkpoints load) or of a
+    plain state dict."""
+    scaler.load_state_dict({k: v.item() if isinstance(v, torch.Tensor) else v for k, v in state.items()})

@@ -66,10 +66,15 @@ def _check_png(encoded: torch.Tensor, where: str) -> None:
         raise FrameDecodeError(f"{where}: cannot be decoded as a PNG image ({str(e).splitlines()[0]})") from None
 
 
-def dali_decode(encoded, gpu: bool):
+def dali_decode(encoded, gpu: bool, hw_decoder_load: float | None = None):
     """The DALI decoder node of a pipeline, under the module's rule: (h, w, 3) uint8 RGB per sample; nvJPEG
-    (`mixed`) on a GPU, libjpeg-turbo/libpng (`cpu`) without one."""
+    (`mixed`) on a GPU, libjpeg-turbo/libpng (`cpu`) without one. On a GPU, JPEG chroma is upsampled as libjpeg's
+    default does (`jpeg_fancy_upsampling`; nvJPEG's own default differs from the CPU frames by a few grey levels);
+    `hw_decoder_load`: the share of the batch given to the A100/H100 hardware JPEG decoder (None: DALI's default)."""
     from nvidia.dali import fn, types
 
+    gpu_options = {"jpeg_fancy_upsampling": True}
+    if hw_decoder_load is not None:
+        gpu_options["hw_decoder_load"] = hw_decoder_load
     return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                             adjust_orientation=False)
+                             adjust_orientation=False, **(gpu_options if gpu else {}))

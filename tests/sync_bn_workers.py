@@ -96,40 +96,42 @@ def share(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return t[rank::world]
 
 
-def layer_share(rank: int, world: int) -> dict:
+def layer_share(rank: int, world: int, device: str = "cpu") -> dict:
     """Every case: our SyncBatchNorm under DDP on this rank's share; per step the output, the input gradient and
-    DDP's averaged weight/bias gradients, then the running statistics and the eval-mode output on the batch."""
+    DDP's averaged weight/bias gradients, then the running statistics and the eval-mode output on the batch (all
+    on the CPU). On "cuda" every rank uses the one GPU there is, over gloo: the fused kernels' path."""
+    dev = torch.device(device)
     results = {}
     for case in CASES:
         layer = make_layer(case)
-        model = convert_sync_batchnorm(torch.nn.Sequential(layer))
+        model = convert_sync_batchnorm(torch.nn.Sequential(layer)).to(dev)
         bn = model[0]
-        ddp = DistributedDataParallel(model)
+        ddp = DistributedDataParallel(model, device_ids=[0] if dev.type == "cuda" else None)
         steps = []
         for step in range(STEPS):
             x, g = make_batch(case, step)
-            inp = share(x, rank, world)
+            inp = share(x, rank, world).to(dev)
             if case.channels_last:
                 inp = inp.contiguous(memory_format=torch.channels_last)
             inp = inp.to(torch.bfloat16 if case.bf16 else torch.float32).requires_grad_()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=case.bf16):
                 y = ddp(inp)
             # DDP's convention: each rank's loss is the mean over its rows, so the ranks' losses sum to W times
             # the one-process loss (the mean over the batch) and DDP's averaged gradients equal its gradients.
-            loss = (y.float() * share(g, rank, world)).sum() * world / BATCH
+            loss = (y.float() * share(g, rank, world).to(dev)).sum() * world / BATCH
             loss.backward()
-            steps.append({"y": y.detach(), "x_grad": inp.grad, "channels_last": (
+            steps.append({"y": y.detach().cpu(), "x_grad": inp.grad.cpu(), "channels_last": (
                           y.is_contiguous(memory_format=torch.channels_last),
                           inp.grad.is_contiguous(memory_format=torch.channels_last)) if case.spatial else None,
-                          "weight_grad": bn.weight.grad.clone(),
-                          "bias_grad": None if bn.bias.grad is None else bn.bias.grad.clone()})
+                          "weight_grad": bn.weight.grad.cpu().clone(),
+                          "bias_grad": None if bn.bias.grad is None else bn.bias.grad.cpu().clone()})
             ddp.zero_grad(set_to_none=True)
         model.eval()
         with torch.no_grad():
-            eval_out = model(make_batch(case, STEPS)[0])  # plain BatchNorm with the running statistics
-        results[case.name] = {"steps": steps, "eval": eval_out, "type": type(bn).__name__,
+            eval_out = model(make_batch(case, STEPS)[0].to(dev))  # plain BatchNorm with the running statistics
+        results[case.name] = {"steps": steps, "eval": eval_out.cpu(), "type": type(bn).__name__,
                               "bias_requires_grad": bn.bias.requires_grad,
-                              **{k: v.clone() for k, v in bn.state_dict().items()}}
+                              **{k: v.cpu().clone() for k, v in bn.state_dict().items()}}
     return results
 
 
@@ -205,3 +207,115 @@ def model_step_reads(rank: int, world: int) -> dict:
         ddp.zero_grad(set_to_none=True)
     return {"reads": reads, "converted": converted,
             "stats_moved": float(model.head.bn.running_var.sub(1).abs().max())}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile of DDP with our SyncBatchNorm against eager
+# ----------------------------------------------------------------------------------------------------------
+
+class SmallNet(torch.nn.Module):
+    """conv → BN → ReLU → conv → BN (2d) → pool → BN (1d): both kinds of layer, the same weights on every
+    rank."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.BatchNorm1d(8)
+
+    def forward(self, x):  # (N, 3, 6, 6) -> (N, 8)
+        x = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def compiled_vs_eager(rank: int, world: int, device: str = "cpu", backend: str = "aot_eager") -> dict:
+    """The same SyncBatchNorm net under DDP, trained eagerly and under torch.compile(`backend`) for 3 steps of
+    this rank's share: per step the outputs and the first conv's weight gradient, then the BatchNorm buffers; and
+    what dynamo captured into graphs of the net (each SyncBatchNorm layer must run outside them).
+    `aot_eager` on the CPU: dynamo's graph capture and AOTAutograd's functionalization (where an undeclared
+    in-place update of the running statistics would be lost), without Inductor's minutes of C++ compilation."""
+    import copy
+
+    import torch._dynamo
+
+    dev = torch.device(device)
+    net = convert_sync_batchnorm(SmallNet()).to(dev)
+    models = {"eager": net, "compiled": copy.deepcopy(net)}
+    ids = [dev.index or 0] if dev.type == "cuda" else None
+    forwards = {"eager": DistributedDataParallel(models["eager"], device_ids=ids)}
+    forwards["compiled"] = torch.compile(DistributedDataParallel(models["compiled"], device_ids=ids), backend=backend)
+    out = {kind: {"steps": []} for kind in models}
+    gen = torch.Generator().manual_seed(7)
+    for step in range(3):
+        batch = torch.randn(2 * world, 3, 6, 6, generator=gen)
+        x = share(batch, rank, world).to(dev)
+        for kind, forward in forwards.items():
+            y = forward(x)
+            (y.square().sum() * (1 + step)).backward()
+            conv = models[kind].conv1
+            out[kind]["steps"].append({"y": y.detach().cpu(), "grad": conv.weight.grad.detach().cpu().clone()})
+            conv.weight.grad = None
+    for kind, model in models.items():
+        out[kind]["buffers"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                                if "running" in k or "num_batches" in k}
+    torch._dynamo.reset()
+    captured = []  # what dynamo puts into graphs: the targets of their nodes
+
+    def recording(gm, example_inputs):
+        captured.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch.compile(copy.deepcopy(net), backend=recording)(share(batch, rank, world).to(dev)).sum().backward()
+    out["captured"] = captured
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The triplet loss's all-gather
+# ----------------------------------------------------------------------------------------------------------
+
+def triplet_features(world_batch: int = 8, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global-batch features (N, D) and labels (N,): 4 identities, clusters a few units wide."""
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.arange(world_batch) % 4
+    feats = 3 * torch.randn(4, dim, generator=gen)[labels] + torch.randn(world_batch, dim, generator=gen)
+    return feats, labels
+
+
+def triplet_share(rank: int, world: int, device: str = "cpu") -> dict:
+    """The re-id loss on this rank's rows (rank-ordered blocks of the global batch, as the sampler lays them out):
+    the triplet loss over the gathered global batch and the gradient of it that reaches this rank's features."""
+    from stenvan.training.losses import ReIDLoss
+
+    feats, labels = triplet_features()
+    rows = len(labels) // world
+    mine = feats[rank * rows:(rank + 1) * rows].to(device).requires_grad_()
+    logits = torch.zeros(rows, 4, device=device, requires_grad=True)
+    losses = ReIDLoss(triplet_weight=1.0, ce_weight=0.0)(mine, logits, labels[rank * rows:(rank + 1) * rows].to(device))
+    losses["loss"].backward()
+    return {"triplet": losses["triplet"].cpu(), "grad": mine.grad.cpu()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DDP's buffer broadcast
+# ----------------------------------------------------------------------------------------------------------
+
+def buffer_broadcasts(rank: int, world: int) -> dict:
+    """Broadcasts per training step of a SyncBatchNorm net under the trainer's DDP wrapper (stenvan.distributed.
+    data_parallel), with its buffers declared in sync (synchronised BatchNorm) or not (per-rank BatchNorm), counted
+    by the profiler after DDP's first steps (which rebuild its buckets)."""
+    from stenvan.distributed import World, data_parallel
+
+    counts = {}
+    for in_sync in (True, False):
+        net = convert_sync_batchnorm(SmallNet()) if in_sync else SmallNet()
+        forward = data_parallel(net, World(rank, rank, world, torch.device("cpu")), buffers_in_sync=in_sync)
+        steps = [torch.randn(2, 3, 6, 6) for _ in range(5)]
+        for x in steps[:3]:
+            forward(x).sum().backward()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for x in steps[3:]:
+                forward(x).sum().backward()
+        counts[in_sync] = sum(e.name == "c10d::broadcast_" for e in prof.events()) / 2
+    return counts

@@ -45,12 +45,13 @@ def test_four_processes_on_two_nodes_equal_one_process(shards, tmp_path):  # noq
               "--ckpt_minutes", "0"]
     one = run(train_cmd(shards, tmp_path / "one", *common))
     assert one.returncode == 0, one.stderr
-    # Two torchrun agents on this machine stand for two nodes; the command is the README's multi-node one.
+    # Two torchrun agents on this machine stand for two nodes; the command is the README's multi-node one (a fresh
+    # store for each attempt: what several nodes need to restart, see stenvan.distributed).
     port = free_port()
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=3",
             *train_cmd(shards, tmp_path / "four", *common, "--resume", "auto")[1:]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     agents = [subprocess.Popen(node, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
               for _ in range(2)]
     outputs = [agent.communicate(timeout=600) for agent in agents]
@@ -136,3 +137,30 @@ def test_per_rank_batchnorm_share_check():
     assert check_batchnorm_share(ids_per_rank=1, clips_per_rank=1, per_rank_bn=False) is None  # synced or frozen
     with pytest.raises(ConfigError, match="1 clip"):
         check_batchnorm_share(ids_per_rank=1, clips_per_rank=1, per_rank_bn=True)
+
+
+def test_triplet_all_gather_at_two_ranks_equals_one_process(tmp_path):
+    """The triplet loss mines over the global batch gathered from the ranks (gloo here; on one GPU shared by two
+    ranks in test_gpu_two_ranks.py): the same loss as one process on the whole batch, and each rank's features get
+    W times their rows of its gradient (every rank's loss is the whole batch's; DDP averages over the W ranks)."""
+    from stenvan.training.losses import batch_hard_triplet
+    from tests.sync_bn_workers import launch, triplet_features, triplet_share
+
+    feats, labels = triplet_features()
+    whole = feats.clone().requires_grad_()
+    truth = batch_hard_triplet(whole, labels)
+    truth.backward()
+    rows = len(labels) // 2
+    for rank, result in enumerate(launch(triplet_share, 2, tmp_path)):
+        torch.testing.assert_close(result["triplet"], truth.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(result["grad"], 2 * whole.grad[rank * rows:(rank + 1) * rows], rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_leaves_synchronised_buffers_alone(tmp_path):
+    """With synchronised BatchNorm every rank computes the same running statistics: DDP's broadcast of rank 0's
+    buffers before every forward is a collective per step for nothing, and the trainer's wrapper leaves it out;
+    with per-rank BatchNorm it keeps it (the statistics then are rank 0's on every rank)."""
+    from tests.sync_bn_workers import buffer_broadcasts, launch
+
+    for counts in launch(buffer_broadcasts, 2, tmp_path):
+        assert counts[True] == 0 and counts[False] >= 1, counts  # per step (per-rank: one per buffer dtype)

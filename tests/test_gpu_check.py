@@ -85,3 +85,38 @@ def test_gpu_mode_needs_cuda(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.main(["--gpu"])
     assert exit_info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_missing_package_stops_gpu_check_at_once_in_one_line(tmp_path, capsys, monkeypatch):
+    from benchmarks import gpu_check
+
+    assert gpu_check.preflight()[0] == []  # this machine has what the stages need
+    real = gpu_check.find_spec
+    monkeypatch.setattr(gpu_check, "find_spec", lambda name: None if name in ("nvidia.dali", "triton") else real(name))
+    out = tmp_path / "out"
+    assert gpu_check.main(["--smoke", "--out", str(out), "--work", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gpu-check: missing package(s): nvidia-dali-cuda130"), err
+    assert not out.exists() and not (tmp_path / "work").exists()  # nothing started
+
+
+def test_the_tests_stage_reads_pytest_summaries_of_any_length():
+    from benchmarks.gpu_check_stages import pytest_counts
+
+    assert pytest_counts("") == {} and pytest_counts("[exit 1 after 0.3 s]") == {}
+    assert pytest_counts("ImportError: no module named x\n[exit 4 after 1.0 s]") == {}
+    assert pytest_counts("3 passed, 1 skipped, 2 deselected in 12.31s\n[exit 0 after 13.0 s]") == \
+        {"passed": 3, "skipped": 1, "deselected": 2}
+    log = ("FAILED tests/test_x.py::test_y - assert 1 passed in 0s\n"
+           "========= 1 failed, 20 passed, 1 error in 301.20s (0:05:01) =========\n[exit 1 after 302.0 s]\n")
+    assert pytest_counts(log) == {"failed": 1, "passed": 20, "error": 1}
+
+
+def test_the_loader_benchmark_measures_hardware_decoder_shares_on_gpus_only(tmp_path, capsys):
+    from benchmarks import loader
+
+    for args, message in ((["--hw-decoder-load", "0"], "the hardware JPEG decoder is a GPU's"),
+                          (["--device", "cuda", "--hw-decoder-load", "1.5"], "shares run from 0 to 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            loader.main(["--data", str(tmp_path), "--backend", "dali", *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

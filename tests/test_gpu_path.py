@@ -125,7 +125,7 @@ def test_fp16_with_grad_scaler_trains(shards, tmp_path):  # noqa: F811
     finally:
         trainer.close()
     state = read_checkpoint(out / "last.pt")
-    scale = state["scaler"]["scale"]
+    scale = float(state["scaler"]["scale"])  # saved as a tensor (no host sync at the checkpoint)
     assert math.isfinite(scale) and 0 < scale <= 2.0 ** 16 and math.log2(scale).is_integer(), scale
     losses = [r["loss"] for r in records(out, "train") if "loss" in r]
     assert losses and all(math.isfinite(v) for v in losses), losses
@@ -159,3 +159,29 @@ def test_evaluation_on_the_gpu_right_after_training(shards, tmp_path, monkeypatc
     evals = records(out, "eval")
     assert len(evals) == 1
     assert 0 <= evals[0]["standard_mAP"] <= 1 and 0 <= evals[0]["standard_rank1"] <= 1, evals[0]
+
+
+def test_an_fp16_checkpoint_state_is_taken_without_waiting_for_the_gpu(shards, tmp_path):  # noqa: F811
+    """The state a checkpoint snapshots, GradScaler's included, comes without a host sync (GradScaler.state_dict()
+    reads its scale with .item(): every fp16 checkpoint waited for the GPU); it saves and loads back."""
+    from stenvan.checkpoint import read_checkpoint
+    from stenvan.training.trainer import Trainer
+
+    out = tmp_path / "run"
+    cfg = load_config(None, TINY + ["--device", "cuda", "--precision", "fp16", "--max_steps", "2",
+                                    "--ckpt_minutes", "0"], data=str(shards), out=str(out))
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()  # the scaler has scaled two steps: its scale lives on the GPU
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            state = trainer.state()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        trainer.writer.save(state, step=99)
+        trainer.writer.wait()
+    finally:
+        trainer.close()
+    saved = read_checkpoint(out / "step-000000099.pt")["scaler"]
+    assert math.isfinite(float(saved["scale"])) and float(saved["scale"]) == trainer.scaler.get_scale()

@@ -191,3 +191,75 @@ def test_loader_workers_die_with_a_killed_trainer(shards, tmp_path, loader):
         proc.wait()
         raise
     assert_die_with(proc, workers)
+
+
+# Runs in a child process: builds a loader whose workers start (DALI forked or spawned, or torch's DataLoader),
+# says "ready", waits until the test has signalled the workers, loads a batch, then ends its workers with SIGTERM
+# itself (as DALI's pool and the DataLoader do when they stop them) and says which of them are gone.
+SIGNALLED = r"""
+import os, signal, sys, time, torch
+from pathlib import Path
+from stenvan.data import build_train_loader, dali_loader
+
+def children():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()
+            and int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid()]
+
+shards, how = sys.argv[1], sys.argv[2]
+loader = build_train_loader(shards, P=4, K=2, clip_len=4, height=64, width=32, workers=2, seed=0, batches_per_epoch=5,
+                            backend="torch" if how == "torch" else "dali")
+if how == "spawn":
+    source = dali_loader.TrainSource(loader.table, loader.plan, 4, 64, 32, first_epoch=0, first_step=0)
+    pipe = dali_loader.build_pipeline(source, batch_size=8, height=64, width=32, device=torch.device("cpu"),
+                                      workers=2, half=False, start_method="spawn")
+    batches = dali_loader.run_pipeline(pipe, source, torch.device("cpu"), torch.float32)
+else:
+    batches = loader.epoch(0)
+    if how == "torch":
+        next(batches)  # the DataLoader starts its workers with the first batch
+    else:
+        loader.prepare(0)
+workers = children()
+print("ready", " ".join(map(str, workers)), flush=True)
+sys.stdin.readline()
+next(batches)  # the workers still serve batches
+print("batch", flush=True)
+signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the DataLoader would raise for its workers ended here, not at exit
+for pid in workers:
+    os.kill(pid, signal.SIGTERM)
+time.sleep(3)
+print("gone", " ".join(str(p) for p in workers if not os.path.exists(f"/proc/{p}")
+                       or Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"), flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("how", ["fork", "spawn", "torch"])
+def test_loader_workers_ignore_stop_signals_meant_for_their_trainer(shards, how):
+    """torchrun stops a rank with killpg, a terminal's Ctrl-C and SLURM signal every process: the loader's workers
+    get the trainer's SIGTERM/SIGINT too. They must outlive it (the trainer finishes its step and saves, and DALI
+    fails the next batch if a worker died: "Worker data receiving interrupted"), yet still stop when their own
+    process stops them."""
+    proc = subprocess.Popen([sys.executable, "-c", SIGNALLED, str(shards), how], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = proc.stdout.readline().split()
+        assert ready[:1] == ["ready"], proc.stderr.read()[-3000:] if proc.poll() is not None else ready
+        # The two loader workers (spawning also starts multiprocessing's resource tracker, not ours to shield).
+        workers = [int(p) for p in ready[1:] if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 2, ready
+        for pid in workers:  # from another process than their parent, as torchrun's killpg
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
+        time.sleep(1.5)
+        assert all(_alive(p) for p in workers), "a loader worker died of a signal meant for its trainer"
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "batch", proc.stderr.read()[-3000:]
+        gone = proc.stdout.readline().split()
+        assert gone[:1] == ["gone"] and {int(p) for p in gone[1:]} >= set(workers), gone  # their parent can stop them
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

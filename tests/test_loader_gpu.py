@@ -1,5 +1,7 @@
-"""The loaders on a GPU (skipped without CUDA): DALI's `mixed` decode (nvJPEG) equals the CPU decode within JPEG
-decoder tolerance (mean |difference| under 1 level of 255, fewer than 2 % of values over 8 levels apart), the GPU
+"""The loaders on a GPU (skipped without CUDA): DALI's `mixed` decode (nvJPEG, with libjpeg's fancy chroma
+upsampling) equals the CPU decode within IDCT rounding at the frames' own size (mean |difference| under 0.5 level
+of 255, fewer than 0.5 % of values over 4 levels apart; nvJPEG's default upsampling differed by up to 8 levels at
+colour edges) and within resampling differences after a resize (mean under 1 level, under 2 % over 8), the GPU
 loaders load the same tracklets, frames, flips, crops and labels as the CPU loaders for the same seed, and a few
 batches run without a host-device synchronisation (labels copied non-blocking from pinned memory)."""
 
@@ -32,11 +34,16 @@ def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a.float().cpu() - b.float().cpu()) * STD).abs()
 
 
-def assert_jpeg_close(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Two decoders of the same JPEGs (nvJPEG vs libjpeg-turbo: IDCT and chroma upsampling differ): equal up to a
-    level on average, and fewer than 2 % of the values more than 8 levels apart."""
+def assert_jpeg_close(a: torch.Tensor, b: torch.Tensor, resized: bool = False) -> None:
+    """Two decoders of the same JPEGs (nvJPEG with fancy upsampling vs libjpeg-turbo: the same chroma upsampling,
+    their IDCTs round differently): under half a level on average, fewer than 0.5 % of the values more than 4
+    levels apart. `resized`: both then resized by different kernels (GPU and CPU, or DALI and torchvision): under
+    a level on average, fewer than 2 % more than 8 apart. (The figures are in the message: the tight bounds are
+    not measured on a GPU yet.)"""
     diff = levels(a, b)
-    assert diff.mean() < 1.0 and (diff > 8).float().mean() < 0.02, (float(diff.mean()), float(diff.max()))
+    mean, far = (1.0, 8) if resized else (0.5, 4)
+    over = float((diff > far).float().mean())
+    assert diff.mean() < mean and over < (0.02 if resized else 0.005), (float(diff.mean()), float(diff.max()), over)
 
 
 def first_batches(shard_dir, device, backend, n=2, **kw):
@@ -54,7 +61,7 @@ def test_mixed_decode_equals_cpu_decode(shards, size):
         assert g["clips"].is_cuda and g["labels"].is_cuda
         for key in ("labels", "camids", "tracklet"):
             assert torch.equal(g[key].cpu(), c[key]), key
-        assert_jpeg_close(g["clips"], c["clips"])
+        assert_jpeg_close(g["clips"], c["clips"], resized=size != (256, 128))
         # The tolerance tells flips and frame choices apart: the same clips with every clip mirrored, or with its
         # frames in another order, are tens of levels away (measured on the CPU loaders: 12-70 and 7-44 levels).
         assert levels(g["clips"], c["clips"].flip(-1)).mean() > 4
@@ -75,7 +82,7 @@ def test_gpu_loaders_deliver_channels_last_in_dtype_and_match_the_cpu_loaders(sh
         if backend == "torch":  # the same decoder, normalised on the device: equal up to the rounding to dtype
             assert levels(clips, reference["clips"]).max() < (1.0 if dtype == torch.float32 else 2.0)
         else:
-            assert_jpeg_close(clips, reference["clips"])
+            assert_jpeg_close(clips, reference["clips"], resized=True)
 
 
 def test_eval_loaders_on_the_gpu(shards):
@@ -90,7 +97,7 @@ def test_eval_loaders_on_the_gpu(shards):
         batch = out[key]
         assert batch["keys"] == reference["keys"] and torch.equal(batch["real_frames"], reference["real_frames"])
         assert batch["clips"].is_cuda and batch["clips"].flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
-        assert_jpeg_close(batch["clips"], reference["clips"])
+        assert_jpeg_close(batch["clips"], reference["clips"], resized=True)
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])

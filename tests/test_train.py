@@ -164,7 +164,8 @@ def test_one_process_equals_two_processes(shards, tmp_path):
         update = sum((a[k] - init[k]).double().norm() ** 2 for k in floats) ** 0.5
         differ = sum((a[k] - b[k]).double().norm() ** 2 for k in floats) ** 0.5
         assert update > 1e-4 * step  # training moved the weights
-        assert differ < tolerance * update, f"step {step}: 1 vs 2 processes differ by {differ / update:.2e} of the update"
+        assert differ < tolerance * update, \
+            f"step {step}: 1 vs 2 processes differ by {differ / update:.2e} of the update"
     # the logged losses are global means, so they agree too
     logs = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
     assert abs(logs[0][0]["loss"] - logs[1][0]["loss"]) < 1e-4 * abs(logs[0][0]["loss"])
@@ -200,7 +201,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monkey
     cfg = load_config(None, TINY + ["--max_nonfinite", "3"], data=str(shards), out=str(tmp_path / "nan"))
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
+    with pytest.raises(TrainingStopped, match="3 steps in a row with non-finite losses or gradients"):
         trainer.fit()
     trainer.close()
     assert trainer.progress.nonfinite_total == 3 and trainer.progress.global_step == 4

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from stenvan.data.clips import IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL, as_clips, frame_size
-from stenvan.decode import dali_decode
-from stenvan.data.lifeline import die_with_parent, forked_children_die_with_us
+from stenvan.data.lifeline import start_workers, tie_to_parent
 from stenvan.data.table import ShardChangedError
+from stenvan.decode import dali_decode
 
 
 def extra_outputs(pad: bool, erase: bool) -> tuple[str, ...]:
@@ -50,7 +50,7 @@ class _SourceBase:
     def __setstate__(self, state):
         self.__dict__.update(state)
         # Unpickled in a spawned worker as it starts: die with the trainer (forked ones: see build_pipeline).
-        die_with_parent(self.parent_pid)
+        tie_to_parent(self.parent_pid)
 
     def _clip(self, key, make_spec) -> tuple:
         """(frame locations, the clip's per-frame outputs) of the clip `key`, made once per process: each of the
@@ -113,10 +113,15 @@ class EvalSource(_SourceBase):
 
 
 def build_pipeline(source, *, batch_size: int, height: int, width: int, device: torch.device, workers: int,
-                   half: bool, start_method: str | None = None):
+                   half: bool, start_method: str | None = None, hw_decoder_load: float | None = None):
     """A DALI pipeline over `source` (a TrainSource or EvalSource) of `batch_size` clips (batch_size·T frames)
     whose outputs are, per frame, (normalised (H, W, 3) in float16 if `half` else float32, label, camid,
     tracklet).
+
+    On a GPU the frames are decoded by nvJPEG (`mixed`) with libjpeg's "fancy" chroma upsampling, as the CPU
+    decoder, PIL and the original project decode them (DALI's default for `mixed` is the cheaper one, whose frames
+    differ by a few levels at colour edges). `hw_decoder_load`: the share of the frames given to the GPU's hardware
+    JPEG decoder where it has one (A100, H100; DALI's default 0.65), for the loader benchmark.
 
     The Python workers fork (fast) unless this process already holds a CUDA context, which a forked child must
     not inherit; then they are spawned (the source is pickled into them).
@@ -133,7 +138,9 @@ def build_pipeline(source, *, batch_size: int, height: int, width: int, device: 
                                             parallel=True, prefetch_queue_depth=2)
         extra = dict(zip(source.names, rest))
         # One decoder over the batch's B·T frames: nvJPEG (mixed) batches them all on a GPU.
-        image = dali_decode(encoded, gpu)  # (h, w, 3) uint8 RGB, the project's one decoding rule
+        # (h, w, 3) uint8 RGB per frame, the project's one decoding rule; on a GPU with the CPU decoder's chroma
+        # upsampling (see above)
+        image = dali_decode(encoded, gpu, hw_decoder_load)
         if extra["needs_resize"]:  # per frame, from its JPEG header: resizing an H×W frame costs a lot on the CPU
             image = fn.resize(image, size=[height, width], interp_type=types.INTERP_LINEAR, antialias=True)
         if source.pad:  # H×W window at the clip's (top, left) anchor; outside the frame is black
@@ -156,7 +163,7 @@ def build_pipeline(source, *, batch_size: int, height: int, width: int, device: 
             (torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
     pipe = graph(batch_size=batch_size * source.clip_len, num_threads=max(1, workers), device_id=device_id,
                  py_num_workers=max(1, workers), py_start_method=start_method, prefetch_queue_depth=2)
-    with forked_children_die_with_us():  # a killed trainer takes its workers along (they'd block for ever)
+    with start_workers(spawn=start_method == "spawn"):  # they die with the trainer; its stop signals pass them by
         pipe.start_py_workers()  # before anything below can create a CUDA context
     pipe.build()
     return pipe

@@ -28,7 +28,7 @@ import torch
 
 from stenvan.data import dali_loader
 from stenvan.data.clips import WorkerFailure, as_clips, load_clip, normalize
-from stenvan.data.lifeline import die_with_parent
+from stenvan.data.lifeline import start_workers, tie_to_parent
 from stenvan.data.sampling import Augment, IdentitySampler, TrainPlan, eval_clips
 from stenvan.data.table import ShardChangedError, TrackletTable
 from stenvan.shards import ShardFormatError
@@ -86,7 +86,9 @@ def _collate(items):
 
 def _torch_batches(loader):
     """The DataLoader's batches, with a shard error raised here as one clean ShardChangedError."""
-    for batch in loader:
+    with start_workers(tie_forked=False):  # the workers start with the iterator (they tie themselves)
+        batches = iter(loader)
+    for batch in batches:
         if isinstance(batch, WorkerFailure):
             raise ShardChangedError(batch.message)
         yield batch
@@ -101,7 +103,7 @@ def _on_device(clips: torch.Tensor, device: torch.device, dtype: torch.dtype) ->
 
 
 def _worker_init(_, parent_pid: int):
-    die_with_parent(parent_pid)  # a killed trainer takes its workers with it
+    tie_to_parent(parent_pid)  # a killed trainer takes its workers with it; its stop signal leaves them be
     torch.set_num_threads(1)  # one decode per worker process; the parallelism is the workers
 
 
@@ -148,8 +150,9 @@ class TrainLoader:
     """
 
     def __init__(self, table: TrackletTable, plan: TrainPlan, *, backend: str, device: torch.device,
-                 dtype: torch.dtype, workers: int, clip_len: int, height: int, width: int):
-        self.table, self.plan, self.backend = table, plan, backend
+                 dtype: torch.dtype, workers: int, clip_len: int, height: int, width: int,
+                 hw_decoder_load: float | None = None):
+        self.table, self.plan, self.backend, self.hw_decoder_load = table, plan, backend, hw_decoder_load
         self.device, self.dtype, self.workers = device, dtype, workers
         self.clip_len, self.height, self.width = clip_len, height, width
         self._pipe, self._continues_at = None, None  # DALI: pipeline, and the (epoch, 0) it would run next
@@ -184,7 +187,7 @@ class TrainLoader:
                                                    epoch, start_step)
             self._pipe = dali_loader.build_pipeline(
                 self._source, batch_size=self.batch_size, height=self.height, width=self.width, device=self.device,
-                workers=self.workers, half=self.dtype == torch.float16)
+                workers=self.workers, half=self.dtype == torch.float16, hw_decoder_load=self.hw_decoder_load)
             self._continues_at = (epoch, start_step)
 
     def _dali(self, epoch: int, start_step: int) -> Iterator[dict]:
@@ -231,10 +234,10 @@ def build_train_loader(shard_dir, *, P: int, K: int, clip_len: int, height: int,
                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, workers: int = 2,
                        flip_p: float = 0.5, pad: int = 0, erase_p: float = 0.0,
                        batches_per_epoch: int | None = None, person_split: int | None = None,
-                       manifest: dict | None = None) -> TrainLoader:
+                       manifest: dict | None = None, hw_decoder_load: float | None = None) -> TrainLoader:
     """The training loader over the `train` split of a shard folder (see the module docstring); `person_split`
     (iLIDS-VID, PRID-2011): that split's train persons only, labelled 0..n-1 (stenvan.person_splits). `manifest`:
-    the folder's, if the caller has loaded it already."""
+    the folder's, if the caller has loaded it already. `hw_decoder_load`: see `dali_loader.build_pipeline`."""
     _check(backend, dtype, clip_len, height, width)
     device = torch.device(device)
     table = TrackletTable.from_dir(shard_dir, "train", person_split, manifest)
@@ -242,7 +245,7 @@ def build_train_loader(shard_dir, *, P: int, K: int, clip_len: int, height: int,
                               batches_per_epoch=batches_per_epoch)
     plan = TrainPlan(sampler, table.num_frames, clip_len, Augment(height, width, flip_p, pad, erase_p))
     return TrainLoader(table, plan, backend=backend, device=device, dtype=dtype, workers=workers,
-                       clip_len=clip_len, height=height, width=width)
+                       clip_len=clip_len, height=height, width=width, hw_decoder_load=hw_decoder_load)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ on GPUs. Here:
 - Output in the input's dtype (bf16 under autocast, like torch's BatchNorm), channels_last kept; the backward saves
   the input and the per-channel statistics only (no normalised copy), like torch's.
 - Eval mode (and any use without a process group, e.g. a converted model evaluated alone) is plain BatchNorm.
+- **torch.compile**: the synchronised function always runs eagerly, outside the compiled graph (a graph break per
+  layer; the convolutions between them still compile). The fused kernels have no meta (fake-tensor) kernels, so
+  the compiler cannot trace them, and `batch_norm_gather_stats_with_counts` updates the running statistics in
+  place without its schema saying so: inside a graph that update could be dropped or, replayed from a CUDA graph,
+  freeze the statistics silently. Eagerly, compiled training keeps eager training's running statistics (tested).
 """
 
 from __future__ import annotations
@@ -134,6 +139,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+@torch.compiler.disable  # never inside a compiled graph: see the module docstring
+def _synchronised_batch_norm(x, weight, bias, running_mean, running_var, eps, momentum, group, fused):
+    return _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, eps, momentum, group, fused)
+
+
 class SyncBatchNorm(_BatchNorm):
     """BatchNorm over inputs (N, C, *) (1d: (N, C) or (N, C, L); 2d: (N, C, H, W); ...) whose training statistics
     are those of the whole batch held by the ranks of `process_group` (default: all), without a host sync.
@@ -170,8 +180,7 @@ class SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)  # on the device
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         fused = x.is_cuda if self.fused is None else self.fused
-        return _SyncBatchNormFunction.apply(x, self.weight, self.bias, *running, self.eps, self.momentum, group,
-                                            fused)
+        return _synchronised_batch_norm(x, self.weight, self.bias, *running, self.eps, self.momentum, group, fused)
 
 
 def convert_sync_batchnorm(module: torch.nn.Module, process_group=None,

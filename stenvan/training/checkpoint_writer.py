@@ -8,8 +8,11 @@ waits on a CUDA event for them, so the training thread never waits for the GPU. 
 the parameters in place, but on the same CUDA stream, after the copies.
 
 A failed write is raised (as CheckpointError) by the next `save` or `wait`: the run stops rather than
-training on without checkpoints. `wait_s` counts the seconds the training thread spent in `save` and `wait`,
-the time training waits for checkpoints.
+training on without checkpoints. A state whose weights or optimizer state hold a NaN or an infinity is not
+written (it would become last.pt, which a resume and the non-finite stop's message trust): that is a failed write
+too, whose line names the tensor and the newest checkpoint with finite weights. The check runs on the host copy,
+in the background thread: the GPU never waits for it. `wait_s` counts the seconds the training thread spent in
+`save` and `wait`, the time training waits for checkpoints.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class CheckpointWriter:
         self.run_dir, self.keep, self.log = Path(run_dir), keep, log
         self.wait_s = 0.0  # seconds the training thread spent snapshotting and waiting for writes
         self.written = 0  # checkpoints written and verified
+        self.last_path: Path | None = None  # the newest step checkpoint written (its weights are finite)
         self._buffers: dict[str, torch.Tensor] = {}  # host copies, reused (pinned for CUDA tensors)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -92,9 +96,30 @@ class CheckpointWriter:
         try:
             if ready is not None:
                 ready.synchronize()
+            bad = first_nonfinite({"model": snapshot.get("model"), "optimizer": snapshot.get("optimizer")})
+            if bad is not None:
+                newest = f"the newest checkpoint with finite weights is {self.last_path}" if self.last_path else \
+                    "no checkpoint of this run has been written yet"
+                raise CheckpointError(f"{f'step {step}' if step is not None else path} not written: {bad} holds "
+                                      f"NaN or infinite values (training diverged); {newest}")
             written = (save_checkpoint(snapshot, self.run_dir, step, self.keep) if step is not None
                        else write_checkpoint_file(snapshot, path))
             self.written += 1
+            if step is not None:
+                self.last_path = written
             self.log(f"checkpoint: {written}" + (f" ({reason})" if reason else ""))
         except BaseException as e:  # noqa: BLE001 - raised on the training thread by the next save or wait
             self._error = e
+
+
+def first_nonfinite(tree, name: str = "") -> str | None:
+    """The name ("model/layer1.0.conv1.weight") of the first floating-point tensor in `tree` (nested dicts,
+    lists, tuples) holding a NaN or an infinity, or None."""
+    if isinstance(tree, torch.Tensor):
+        return name if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    if isinstance(tree, (dict, list, tuple)):
+        for key, value in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
+            found = first_nonfinite(value, f"{name}/{key}" if name else str(key))
+            if found is not None:
+                return found
+    return None

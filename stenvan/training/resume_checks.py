@@ -8,15 +8,19 @@ refused with one line, without a flag to force them: such a run belongs in anoth
 numbers, schedule and log do not mix with the first run's. Every other change is allowed and printed: the lr
 and weight decay take effect (the optimizer's saved hyperparameters would otherwise silently override them),
 the schedule, losses, augmentation, BatchNorm mode, loader, seed (the batches from here on) and bookkeeping
-follow the new config, and a change of precision into or out of fp16 starts a fresh GradScaler.
+follow the new config, a change of precision into or out of fp16 starts a fresh GradScaler, and with another
+`channels_last` the optimizer state takes the parameters' new memory layout. The number of ranks and of GPUs may
+change too (the global batch stays P·K).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from stenvan.amp import load_scaler_state
 from stenvan.checkpoint import CheckpointError
 from stenvan.config import TrainConfig, config_from_dict
+from stenvan.training.optim import match_parameter_layouts
 
 # Config fields a resumed run must keep, and what each decides.
 MUST_KEEP = {
@@ -65,6 +69,7 @@ def restore_training_state(state: dict, changes: dict, optimizer, scheduler, sca
     """Load the optimizer, scheduler and GradScaler states of `state`, with the allowed `changes` (from
     `check_resumable`) in effect; returns one note per change, for the resume line."""
     optimizer.load_state_dict(state["optimizer"])
+    match_parameter_layouts(optimizer)  # a run resumed with another channels_last setting
     scheduler.load_state_dict(state["scheduler"])
     # The saved param groups and base lrs carry the old run's lr and weight decay: this run's take over.
     if any(k in changes for k in APPLIED):
@@ -74,7 +79,7 @@ def restore_training_state(state: dict, changes: dict, optimizer, scheduler, sca
     # Only fp16 has a GradScaler state; into or out of fp16, the scaler starts afresh (its scale re-adapts).
     saved_precision = state.get("precision") or ("fp16" if state["scaler"] else None)  # older: from the scaler
     if (saved_precision == "fp16") == scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
+        load_scaler_state(scaler, state["scaler"])
     notes = [f"{k} {old} → {new}" + (" (applied)" if k in APPLIED else "") for k, (old, new) in changes.items()]
     if saved_precision not in (None, precision):
         notes.append(f"training precision {saved_precision} → {precision}"

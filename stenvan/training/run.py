@@ -1,9 +1,10 @@
 """One training run from its config, start to end, as train.py runs it (and the person-split runner, for each
 split): every failure a user can cause ends in one line on stderr and an exit code, never a traceback.
 
-Exit codes: 0 finished or stopped cleanly by a signal (continue with --resume auto), 2 an error (bad config, data,
-checkpoint or run folder, another run holding --out, a shard changed under the run, a full disk), 3 stopped by
-non-finite losses.
+Exit codes: 0 finished or stopped cleanly by SIGTERM/SIGINT (to this process or to torchrun: every rank saves the
+same step; continue with --resume auto), 2 an error (bad config, data, checkpoint or run folder, another run holding
+--out, a shard changed under the run, a failed loader, a full disk, a launch that cannot restart), 3 stopped by
+non-finite losses or gradients.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 from stenvan.checkpoint import CheckpointError
 from stenvan.config import ConfigError, TrainConfig
-from stenvan.distributed import DeviceError
+from stenvan.distributed import DeviceError, LaunchError
 from stenvan.distributed import describe as describe_world
 from stenvan.errors import RESUME_RETRY, describe_os_error, error_line
 from stenvan.lock import LockError
@@ -23,8 +24,8 @@ from stenvan.training.run_folder import RunFolderError
 
 # RuntimeError: torchvision could not download the ImageNet weights (its message says how to get the file);
 # FileNotFoundError: a --pretrained path that does not exist; ImportError: --loader dali without DALI.
-USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, LockError, RunFolderError, RankZeroError,
-               ValueError, FileNotFoundError, RuntimeError, ImportError)
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, LaunchError, LockError, RunFolderError,
+               RankZeroError, ValueError, FileNotFoundError, RuntimeError, ImportError)
 
 
 def error(line) -> int:
@@ -43,7 +44,7 @@ def check_run_folder(out: str, data: str, kind=RUN_FOLDER) -> None:
 
 def train_run(cfg: TrainConfig, resume: str | None = None):
     """Build the trainer and fit: (exit code, the run's Progress, or None if it never started)."""
-    from stenvan.training.failures import RankFailed
+    from stenvan.training.failures import LoaderFailed, RankFailed
     from stenvan.training.trainer import Trainer, TrainingStopped
 
     try:
@@ -59,8 +60,8 @@ def train_run(cfg: TrainConfig, resume: str | None = None):
     except TrainingStopped as e:
         print(f"train: stopped: {e}", file=sys.stderr)
         code = 3
-    except (ShardFormatError, CheckpointError, RankFailed) as e:  # a shard changed under the run; a checkpoint
-        code = error(e)                                           # write that failed; the same on another rank
+    except (ShardFormatError, LoaderFailed, CheckpointError, RankFailed) as e:  # a shard changed under the run;
+        code = error(e)  # a loader that failed; a checkpoint write that failed; one of these on another rank
     except OSError as e:
         code = error(describe_os_error(e, RESUME_RETRY))
     finally:

@@ -12,7 +12,8 @@ Kill it at any point and rerun the same command: a split whose metrics.json exis
 that was running resumes from its newest checkpoint (`--resume auto`), at the step where it stopped. Under torchrun
 every rank trains every split; rank 0 evaluates (the others wait for it at the next split's start) and writes
 the summary. Exit codes as train.py's: 0 done or stopped by a signal (rerun to continue), 2 an error, 3
-non-finite losses.
+non-finite losses or gradients. Under `torchrun --max-restarts` a restarted attempt reruns the runner, which skips
+the finished splits and resumes the one that was running (its store keys under the attempt's, stenvan.distributed).
 """
 
 from __future__ import annotations

@@ -4,15 +4,19 @@ One code path for CPU, one GPU and N GPUs on M nodes (torchrun). Checkpoints hol
 snapshotted at a step boundary and written in the background (`stenvan.training.checkpoint_writer`) every
 `ckpt_minutes` minutes, every `ckpt_every` steps if asked, at the end of the run and on SIGTERM/SIGINT.
 A step never waits for the GPU: losses and non-finite counts stay on the device and reach the host (one sync)
-every `log_every` steps, where the ranks also agree on stopping. Rank 0 holds the run folder's lock for the
-whole run (`stenvan.training.run_folder`); a resume must keep what its checkpoint was trained with
-(`stenvan.training.resume_checks`); a shard changed under the run stops every rank at the same step boundary, with that
-step's checkpoint (`stenvan.training.failures`).
+every `log_every` steps; a step whose loss or gradients are not finite is skipped on the device. At every step
+boundary the ranks agree on the host (`stenvan.training.failures`) whether one of them failed or got a stop signal:
+a SIGTERM/SIGINT (to torchrun or to the ranks) stops every rank after its current step, with that step's
+checkpoint, and exits 0; a shard changed under the run or a failed loader stops every rank at the same step
+boundary, with that step's checkpoint. Rank 0 holds the run folder's lock for the whole run
+(`stenvan.training.run_folder`); a resume must keep what its checkpoint was trained with
+(`stenvan.training.resume_checks`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 
 from stenvan import distributed
-from stenvan.amp import AMP_DTYPES, resolve_precision
+from stenvan.amp import AMP_DTYPES, resolve_precision, scaler_state
 from stenvan.amp import autocast as amp_autocast
 from stenvan.checkpoint import CheckpointError, step_path
 from stenvan.config import ConfigError, TrainConfig
@@ -32,9 +36,9 @@ from stenvan.models.sync_batchnorm import convert_sync_batchnorm
 from stenvan.person_splits import check_split
 from stenvan.shards import ShardFormatError, atomic_write, dataset_fingerprint, load_manifest
 from stenvan.training.checkpoint_writer import CheckpointWriter
-from stenvan.training.failures import Failures
+from stenvan.training.failures import Failures, LoaderFailed
 from stenvan.training.losses import ReIDLoss
-from stenvan.training.optim import build_optimizer, step_unless
+from stenvan.training.optim import RunningStatistics, build_optimizer, nonfinite_gradients, step_unless
 from stenvan.training.resume import agree_on_checkpoint
 from stenvan.training.resume_checks import check_resumable, restore_training_state
 from stenvan.training.rng import rng_state, seed_everything, set_rng_state
@@ -92,6 +96,7 @@ class Trainer:
             raise
 
     def _build(self, cfg: TrainConfig, resume: str | None) -> None:
+        distributed.check_restartable(os.environ)  # a launch that could not restart stops before anything starts
         self.precision = resolve_precision(cfg.precision, self.world.device)
         self.sync_bn = distributed.use_sync_bn(cfg.sync_bn, self.world)
         seed_everything(cfg.seed)
@@ -151,12 +156,10 @@ class Trainer:
         self.criterion = ReIDLoss(cfg.triplet, cfg.triplet_margin, cfg.triplet_weight, cfg.ce_weight,
                                   cfg.label_smoothing)
         self.meter = StepMeter(self.world.device)
+        self.running_stats = RunningStatistics(model)  # put back after a skipped step
         if checkpoint:
             self._restore(*checkpoint, changes)
-        forward = model
-        if self.world.size > 1:
-            forward = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.world.local_rank] if self.world.device.type == "cuda" else None)
+        forward = distributed.data_parallel(model, self.world, buffers_in_sync=self.sync_bn or cfg.freeze_bn)
         self.forward = torch.compile(forward) if cfg.compile else forward
         self.log = RunLog(self.run_dir, enabled=self.is_main)
         self.writer = CheckpointWriter(self.run_dir, cfg.keep_ckpts, log=self.log.info) if self.is_main else None
@@ -169,7 +172,9 @@ class Trainer:
                           f"{self.num_classes} classes, {self.steps_per_epoch} steps/epoch, "
                           f"{self.loader.batch_size} clips per rank, BatchNorm "
                           + ("frozen" if cfg.freeze_bn else "per rank" if not self.sync_bn
-                             else "synchronised over the global batch (no host sync)"))
+                             else "synchronised over the global batch (no host sync)")
+                          + (f"; gloo on {os.environ['GLOO_SOCKET_IFNAME']}" if self.world.size > 1
+                             and os.environ.get("GLOO_SOCKET_IFNAME") else ""))
             if bn_warning:
                 self.log.info(bn_warning)
 
@@ -181,7 +186,7 @@ class Trainer:
         p = self.progress
         return {"config": self.cfg.to_dict(), "arch": self.cfg.arch, "num_classes": self.num_classes,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": scaler_state(self.scaler),
                 "progress": vars(p).copy(), "meter": self.meter.values, "rng": rng_state(),
                 "world_size": self.world.size, "dataset": self.dataset, "precision": self.precision,
                 "train_data": self.train_data}
@@ -207,7 +212,7 @@ class Trainer:
                 raise
             error = e
         if wait:
-            self._stop_if_any_rank_failed(error)  # also the barrier: nobody exits before the checkpoint is on disk
+            self._agree(error)  # also the barrier: nobody exits before the checkpoint is on disk
 
     def _checkpoint_due(self) -> bool:
         cfg, p = self.cfg, self.progress
@@ -236,7 +241,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame) -> None:
-        self.stop_signal = signum  # acted on after the current step (with several ranks: at the next sync point)
+        self.stop_signal = signum  # acted on after the current step, by every rank (see _next_batch)
 
     def fit(self) -> Progress:
         cfg, p = self.cfg, self.progress
@@ -250,7 +255,7 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=p.global_step, disable=None if self.is_main else True,
                    unit="step", dynamic_ncols=True, file=sys.stderr)
         run_start, self._last_save = time.perf_counter(), time.monotonic()
-        self._window = {"steps": 0, "wait_s": 0.0, "start": time.perf_counter(), "ckpt_s": self._ckpt_wait_s()}
+        self._new_window()
         try:
             while p.epoch < cfg.epochs and not (cfg.max_steps and p.global_step >= cfg.max_steps):
                 self.model.train()
@@ -258,24 +263,21 @@ class Trainer:
                     set_bn_eval(self.model)
                 # Iterating the epoch to its end lets the DALI pipeline run on into the next epoch.
                 batches = iter(self.loader.epoch(p.epoch, start_step=p.step_in_epoch))
-                t0 = time.perf_counter()
-                while (batch := self._next_batch(batches)) is not None:
-                    self._window["wait_s"] += time.perf_counter() - t0
+                while True:
+                    batch, stop = self._next_batch(batches)
+                    if stop:
+                        self._stop(stop)
+                        return p
+                    if batch is None:  # the epoch's end
+                        break
                     self._step(batch, autocast)
                     bar.update(1)
-                    # One process acts on a signal at once; several agree on it at the sync point.
-                    stop = self.stop_signal and self.world.size == 1
                     if p.global_step % cfg.log_every == 0:
-                        stop = self._sync_point()
-                    if stop:
-                        self.save(f"stopped by signal {self.stop_signal or 'on another rank'}", wait=True)
-                        self.log.info("stopped cleanly; continue with --resume auto")
-                        return p
+                        self._sync_point()
                     if cfg.max_steps and p.global_step >= cfg.max_steps:
                         break
                     if self._checkpoint_due():
                         self.failures.keep(self.save, "periodic")
-                    t0 = time.perf_counter()
                 if cfg.eval_every and p.step_in_epoch == 0 and p.epoch % cfg.eval_every == 0:
                     self.evaluate_during_training()
             self.save("max_steps" if cfg.max_steps and p.global_step >= cfg.max_steps else "end", wait=True)
@@ -290,45 +292,69 @@ class Trainer:
                               f"of {elapsed:.1f} s")
         return p
 
-    def _next_batch(self, batches) -> dict | None:
-        """The epoch's next batch (None at its end, on every rank at once), once every rank knows that no rank
-        failed: a rank whose loader found a shard changed under the job stops them all here, before this step's
-        collectives, at the boundary of the last completed step."""
-        error = None
+    def _next_batch(self, batches) -> tuple[dict | None, int]:
+        """(the epoch's next batch, None at its end; the stop signal any rank got, 0 if none), on every rank at the
+        same step boundary, before this step's collectives: a stop signal is acted on here by every rank, and a
+        rank whose loader failed (a shard changed under the job, a worker that died) stops them all here."""
+        error = batch = None
+        start = time.perf_counter()
         try:
             batch = next(batches)
         except StopIteration:
-            return None
-        except ShardFormatError as e:
-            batch, error = None, e
-        self._stop_if_any_rank_failed(error)
-        return batch
+            pass
+        except ShardFormatError as e:  # a shard changed under the job
+            error = e
+        except Exception as e:  # noqa: BLE001 - any loader failure: every rank stops, with this step's checkpoint
+            error = LoaderFailed.of(e)
+        fetched = time.perf_counter()
+        self._window["wait_s"] += fetched - start
+        stop = self._agree(error, loader=True)
+        self._window["agree_s"] += time.perf_counter() - fetched  # the host agreement: its own share in the log
+        return batch, stop
 
-    def _stop_if_any_rank_failed(self, error: BaseException | None = None) -> None:
-        """At a point every rank reaches together: if any rank failed (`error`, or one kept since), every rank stops
-        with its line (stenvan.training.failures). A data error first saves the checkpoint of this step boundary (not at
-        step 0: nothing to keep), so that the run continues here once the data is restored."""
-        failed = self.failures.agree(error)
-        if failed is None:
-            return
-        error, data_error = failed
-        if data_error and self.progress.global_step > 0:
-            self.save("data error", wait=True)
+    def _agree(self, error: BaseException | None = None, loader: bool = False) -> int:
+        """At a point every rank reaches together: the stop signal any rank got (0 if none), when no rank failed.
+        If any rank failed (`error`, or one kept since), every rank stops with its line (stenvan.training.failures). A
+        failure of a loader (or data) first saves the checkpoint of this step boundary (not at step 0: nothing to
+        keep), so that the run continues here once the cause is fixed; with a stop signal pending, the failure is
+        only reported and the run stops cleanly (the signal may have reached the loader too)."""
+        agreed = self.failures.agree(error, loader=loader, stop_signal=self.stop_signal)
+        if agreed.error is None or (agreed.loader and agreed.stop):
+            if agreed.error is not None:
+                self.log.info(f"stopping: a loader failed meanwhile: {agreed.error}")
+            return agreed.stop
+        error = agreed.error
+        if agreed.loader and self.progress.global_step > 0:
+            self.save("loader error", wait=True)
             saved = step_path(self.run_dir, self.progress.global_step)
             error = type(error)(f"{error}; stopped at step {self.progress.global_step}, saved as {saved}: continue "
-                                "with --resume auto once the data is restored")
+                                "with --resume auto" + (" once the data is restored" if agreed.data else ""))
         raise error
 
+    def _stop(self, signum: int) -> None:
+        """Every rank, at the same step boundary: save this step (and wait for it), then say so."""
+        step = self.progress.global_step
+        self.save(f"stopped by signal {signum}", wait=True)
+        self.log.info(f"stopped cleanly by signal {signum} at step {step}; continue with --resume auto")
+        if not self.is_main:
+            print(f"train: rank {self.world.rank} stopped cleanly by signal {signum} at step {step}", file=sys.stderr,
+                  flush=True)
+
     def _step(self, batch: dict, autocast) -> None:
-        """One optimizer step, or a skipped one if some rank's loss is not finite; nothing here waits for the GPU."""
+        """One optimizer step, or a skipped one if some rank's loss or the gradients are not finite; nothing here
+        waits for the GPU."""
         p = self.progress
+        running_stats = self.running_stats.snapshot()
         with autocast:
             feats, logits = self.forward(batch["clips"])  # (B, T, 3, H, W) -> (B, 2048), (B, #ids)
             losses = self.criterion(feats, logits, batch["labels"])
         bad = (~torch.isfinite(losses["loss"].detach())).float()  # 0-d: 1.0 = skip this step
+        self.scaler.scale(losses["loss"]).backward()
+        if not self.scaler.is_enabled():  # a finite loss may still have non-finite gradients (bf16 overflow)
+            bad = torch.maximum(bad, nonfinite_gradients(self.optimizer))
         if self.world.size > 1:  # every rank skips the same steps (an all-reduce on the device, no host sync)
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        self.scaler.scale(losses["loss"]).backward()
+        self.running_stats.restore_if(bad, running_stats)  # a skipped step leaves BatchNorm as it was too
         if self.scaler.is_enabled():  # fp16: GradScaler skips steps with non-finite gradients on the device
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -343,11 +369,11 @@ class Trainer:
         if p.step_in_epoch == self.steps_per_epoch:
             p.epoch, p.step_in_epoch = p.epoch + 1, 0
 
-    def _sync_point(self) -> bool:
+    def _sync_point(self) -> None:
         """Every `log_every` steps: the step meter reaches the host (the one sync), a log line, the non-finite
-        stop; returns whether any rank got a stop signal."""
+        stop."""
         p, cfg = self.progress, self.cfg
-        stats = self.meter.read(self.stop_signal, self.world.size)
+        stats = self.meter.read(self.world.size)
         self.meter.next_window()
         p.nonfinite_total += stats["skipped"]
         p.nonfinite_in_a_row = stats["run"]
@@ -356,14 +382,19 @@ class Trainer:
             if self.is_main:
                 self.writer.wait()  # so that last.pt below is the newest checkpoint
             last = self.run_dir / "last.pt"
+            # A checkpoint never holds non-finite weights (stenvan.training.checkpoint_writer): last.pt is good.
             raise TrainingStopped(
-                f"{stats['longest']} non-finite losses in a row by step {p.global_step}; lower --lr, try "
-                "--precision fp32, or check the data. " + (f"The last good checkpoint is {last}" if last.exists()
-                                                            else "No checkpoint was written yet"))
-        return stats["stop"]
+                f"{stats['longest']} steps in a row with non-finite losses or gradients by step {p.global_step}; "
+                "lower --lr, try --precision fp32, or check the data. "
+                + (f"The last good checkpoint is {last}" if last.exists() else "No checkpoint was written yet"))
 
     def _ckpt_wait_s(self) -> float:
         return self.writer.wait_s if self.writer else 0.0
+
+    def _new_window(self) -> None:
+        """Start a log window: its steps, the seconds waited for data and for the ranks' agreement, its start."""
+        self._window = {"steps": 0, "wait_s": 0.0, "agree_s": 0.0, "start": time.perf_counter(),
+                        "ckpt_s": self._ckpt_wait_s()}
 
     def _log_interval(self, stats: dict) -> None:
         window, p = self._window, self.progress
@@ -371,6 +402,7 @@ class Trainer:
         clips_per_s = window["steps"] * self.loader.batch_size * self.world.size / elapsed
         values = {"epoch": p.epoch, "lr": self.scheduler.get_last_lr()[0], "clips_per_s": clips_per_s,
                   "frames_per_s": clips_per_s * self.cfg.clip_len, "data_wait_share": window["wait_s"] / elapsed,
+                  "agree_wait_share": window["agree_s"] / elapsed,
                   "ckpt_wait_share": (self._ckpt_wait_s() - window["ckpt_s"]) / elapsed,
                   "nonfinite_total": p.nonfinite_total}
         # Losses are averaged over the steps that were not skipped (none: no loss to report).
@@ -383,12 +415,13 @@ class Trainer:
                   else "no finite loss")
         line = (f"epoch {p.epoch} step {p.global_step} | {losses} | lr {values['lr']:.2e} | {clips_per_s:.1f} clips/s "
                 f"{values['frames_per_s']:.0f} frames/s | data wait {100 * values['data_wait_share']:.0f}% | "
-                f"ckpt wait {100 * values['ckpt_wait_share']:.1f}%"
+                + (f"rank agreement {100 * values['agree_wait_share']:.1f}% | " if self.world.size > 1 else "")
+                + f"ckpt wait {100 * values['ckpt_wait_share']:.1f}%"
                 + (f" | GPU mem {values['gpu_mem_gib']:.1f} GiB" if "gpu_mem_gib" in values else "")
                 + (f" | {stats['skipped']} non-finite step(s) skipped, {stats['run']} in a row" if stats["skipped"]
                    else ""))
         self.log.record("train", p.global_step, values, line)
-        self._window = {"steps": 0, "wait_s": 0.0, "start": time.perf_counter(), "ckpt_s": self._ckpt_wait_s()}
+        self._new_window()
 
     def evaluate_during_training(self) -> None:
         """Evaluate on the test splits (main rank); saves best.pt only when select_on_test is asked for."""
