@@ -11,6 +11,15 @@ import re
 RESUME_RETRY = "continue with --resume auto"  # how a training run carries on once the cause is fixed
 
 
+def print_line(text: str) -> None:
+    """`text` and its newline to stderr in one write. Python's stderr writes through, so print() would make two
+    writes, and the lines of ranks that fail together (they share torchrun's stderr) would run into each other."""
+    import sys
+
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
+
+
 def error_line(e: BaseException, retry: str) -> str:
     """One line for any error: `describe_os_error` for an OSError, else the error's own message."""
     return describe_os_error(e, retry) if isinstance(e, OSError) else str(e)

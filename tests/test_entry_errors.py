@@ -81,11 +81,10 @@ def test_bad_pretrained_files_name_the_file(shards, tmp_path, capsys):
         assert f"{tmp_path / name}: " in line and message in line
 
 
-def test_a_checkpoint_holding_pickled_code_is_one_line_without_unsafe_advice(tmp_path, capsys):
+def test_a_checkpoint_holding_pickled_code_is_one_line_without_unsafe_advice(shards, tmp_path, capsys):
     """torch's refusal is six lines ending in "re-running with weights_only=False will likely succeed" (which would
     run the code); it says so even for a file that is not a PyTorch file. Never that advice, always one line."""
-    data, out = tmp_path / "data", tmp_path / "out"
-    data.mkdir()
+    data, out = shards, tmp_path / "out"  # a prepared dataset: eval checks it (and the split) before the model
     torch.save({"format": "stenvan-checkpoint", "model": Payload()}, tmp_path / "code.pt")
     (tmp_path / "text.pt").write_text("hello, not a checkpoint")
     for args, message in (

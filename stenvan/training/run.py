@@ -9,13 +9,12 @@ non-finite losses or gradients.
 
 from __future__ import annotations
 
-import sys
 
 from stenvan.checkpoint import CheckpointError
 from stenvan.config import ConfigError, TrainConfig
 from stenvan.distributed import DeviceError, LaunchError
 from stenvan.distributed import describe as describe_world
-from stenvan.errors import RESUME_RETRY, describe_os_error, error_line
+from stenvan.errors import RESUME_RETRY, describe_os_error, error_line, print_line
 from stenvan.lock import LockError
 from stenvan.outputs import RUN_FOLDER, check_output
 from stenvan.shards import ShardFormatError
@@ -30,7 +29,7 @@ USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, DeviceError, Laun
 
 def error(line) -> int:
     """Print train.py's one error line (a message, or an error whose message is one); exit code 2."""
-    print(f"train: error: {line}", file=sys.stderr)
+    print_line(f"train: error: {line}")
     return 2
 
 
@@ -58,7 +57,7 @@ def train_run(cfg: TrainConfig, resume: str | None = None):
     try:
         progress = trainer.fit()
     except TrainingStopped as e:
-        print(f"train: stopped: {e}", file=sys.stderr)
+        print_line(f"train: stopped: {e}")
         code = 3
     except (ShardFormatError, LoaderFailed, CheckpointError, RankFailed) as e:  # a shard changed under the run;
         code = error(e)  # a loader that failed; a checkpoint write that failed; one of these on another rank
