@@ -129,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepareError, ShardFormatError, OutputError, FileExistsError, ValueError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError as e:
+        if args.command not in ("inspect", "verify"):
+            print(f"prepare: error: {describe_os_error(e, RETRY)}", file=sys.stderr)
+            return 2
+        # `prepare inspect DIR | head`: the reader took what it wanted; no error line, and Python's final flush of
+        # stdout must not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         print(f"prepare: error: {describe_os_error(e, RETRY)}", file=sys.stderr)
         return 2

@@ -174,3 +174,21 @@ def test_mars_and_dukev_stay_format_version_2(dataset, mars_tree, dukev_tree, tm
     assert manifest["version"] == 2 and "person_splits" not in manifest
     assert all(n.endswith(".jpg") for line in (out / manifest["shards"][0]["index"]).read_text().splitlines()[1:]
                for n in line.split()[3::4][1:])
+
+
+def test_inspect_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`python -m prepare inspect DIR | head -1`: the reader stops early; no 'Broken pipe' error line."""
+    import subprocess
+    import sys
+
+    raw, shards = tmp_path / "raw", tmp_path / "shards"
+    run = [sys.executable, "-m", "prepare"]
+    subprocess.run(run + ["synthetic", "--layout", "ilidsvid", "--out", str(raw), "--ids", "40"], check=True,
+                   capture_output=True)
+    subprocess.run(run + ["ilidsvid", "--data-dir", str(raw), "--out", str(shards)], check=True, capture_output=True)
+    inspect = subprocess.Popen(run + ["inspect", str(shards), "--split", "0", "--json"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    inspect.stdout.readline()
+    inspect.stdout.close()  # as `head -1` does
+    assert inspect.wait(timeout=60) == 0
+    assert inspect.stderr.read() == b""
