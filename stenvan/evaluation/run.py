@@ -46,9 +46,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, out: Path, *, split: Split =
     precision = resolve_precision(precision, torch_device)
     model, settings = load_model_for_eval(checkpoint, original_arch, untrained)
     leakage = check_leakage(settings["trained_on"], manifest, split, checkpoint)
-    # The output folder before the features: a path that cannot take the outputs fails now, not after them.
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder; --out names the output folder")
+    # The output folder before the features (check_output refused a path that is not one): a folder that cannot be
+    # made fails now, not after them.
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch_device)
     settings.update({k: v for k, v in (("clip_len", clip_len), ("height", height), ("width", width)) if v is not None})
